@@ -1,0 +1,1 @@
+"""Runtime: the stage table, stage backends, schedulers, the pipeline and the ``kvt`` CLI."""
