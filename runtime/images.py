@@ -1,0 +1,57 @@
+"""Pixel conversions the official pipeline performs around the MoVQs (spec quirks 16 and 30).
+
+The key frame is part of the model's behaviour as a uint8 PIL image: decoded, clipped, x255 and
+truncated, resized with Pillow's default filter, centre-cropped (Pillow rounds the float box), converted
+to RGB and mapped back to [-1, 1]. A torch resize is not equivalent, so Pillow does it here too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+
+class ImageInputError(ValueError):
+    """An input image cannot be read or is unsuitable."""
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[N, 3, H, W] decoder output -> [N, H, W, 3] uint8: clip((x + 1) / 2) x 255, truncated."""
+    pixels = torch.clip((images.float() + 1.0) / 2.0, 0.0, 1.0).mul(255.0)
+    return pixels.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def key_frame_pixels(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """The MoVQ encoder input for ``image``: [1, 3, height, width] float32 in [-1, 1].
+
+    Downscale (never up) so the smaller scale factor matches width x height, centre-crop to exactly
+    width x height (an image smaller than that is padded with black by the crop), convert to RGB.
+    """
+    reduce_factor = max(1.0, min(image.size[0] / width, image.size[1] / height))
+    image = image.resize((round(image.size[0] / reduce_factor), round(image.size[1] / reduce_factor)))
+    old_width, old_height = image.size
+    box = ((old_width - width) / 2, (old_height - height) / 2,
+           (old_width + width) / 2, (old_height + height) / 2)
+    image = image.crop(box)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    array = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    return (2.0 * array.to(torch.float32).div(255) - 1.0).unsqueeze(0)
+
+
+def load_image(source: str | Path | Image.Image) -> Image.Image:
+    """A fully decoded PIL image from a path or an image; unreadable files raise ImageInputError."""
+    if isinstance(source, Image.Image):
+        return source
+    path = Path(source)
+    if not path.is_file():
+        raise ImageInputError(f"image {str(path)!r} does not exist or is not a file")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            return opened.copy()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageInputError(f"image {str(path)!r} cannot be read as an image ({exc})") from None

@@ -1,0 +1,421 @@
+"""The stage contract table: the single description of every stage's inputs, outputs and shape ranges.
+
+A stage is a network call a backend can run: ``text_encoder``, ``unet_t2v_image``, ``unet_t2v_video``,
+``unet_interp``, ``movq_encoder``, ``movq_decoder``, ``video_movq_decoder``. Everything else derives
+from this table: ONNX dynamic axes and sample inputs (export), TensorRT optimisation profiles (engines),
+``config.pbtxt`` inputs and outputs (Triton), input validation and buffer shapes (runtime). A fact about a
+stage's I/O written anywhere else is a bug waiting to happen.
+
+Shapes are written with symbols: an ``int`` is static; a string names a dimension of the stage
+(``"N"``, ``"h"``), optionally scaled by an integer prefix (``"8h"`` = 8 x h). Each dimension has a
+min/opt/max range and a step (``multiple_of``). Stages with several optimisation profiles (the
+interpolation U-Net: 22 and 88 rows) list them in ``profiles``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+# The pipeline's fixed structure (official code): 12 base frames, 3-way guidance in loop B, 2-way in A/C.
+NUM_BASE_FRAMES = 12
+FPS_FRAMES = {"low": 12, "medium": 45, "high": 177}
+INTERPOLATION_PASSES = {"low": (), "medium": (3,), "high": (3, 1)}  # skip_frames of each pass
+LATENT_CHANNELS = 4
+PIXEL_MULTIPLE = 64  # three stride-2 U-Net levels on the H/8 latent (spec deployment.md)
+
+
+class DType(str, Enum):
+    """Tensor element types with their names in each framework that reads the table."""
+
+    FP32 = "float32"
+    FP16 = "float16"
+    BF16 = "bfloat16"
+    INT32 = "int32"
+    INT64 = "int64"
+    BOOL = "bool"
+
+    @property
+    def torch(self) -> torch.dtype:
+        return getattr(torch, self.value)
+
+    @property
+    def numpy(self):
+        import numpy as np
+
+        if self is DType.BF16:
+            raise TypeError("numpy has no bfloat16 dtype")
+        return np.dtype(self.value)
+
+    @property
+    def triton(self) -> str:
+        return {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16",
+                "int32": "TYPE_INT32", "int64": "TYPE_INT64", "bool": "TYPE_BOOL"}[self.value]
+
+    @property
+    def onnx(self) -> str:
+        return {"float32": "FLOAT", "float16": "FLOAT16", "bfloat16": "BFLOAT16",
+                "int32": "INT32", "int64": "INT64", "bool": "BOOL"}[self.value]
+
+
+@dataclass(frozen=True)
+class Dim:
+    """A dynamic dimension: its range and step. ``opt`` is what engines are tuned for."""
+
+    min: int
+    opt: int
+    max: int
+    multiple_of: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(f"Dim needs min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
+
+    def contains(self, value: int) -> bool:
+        return self.min <= value <= self.max and value % self.multiple_of == 0
+
+    def describe(self) -> str:
+        step = f", multiple of {self.multiple_of}" if self.multiple_of > 1 else ""
+        return f"[{self.min}, {self.max}]{step}"
+
+
+_SYMBOL = re.compile(r"^(\d*)([A-Za-z_]\w*)$")
+
+
+def parse_symbol(entry: str) -> tuple[int, str]:
+    """``"8h"`` -> (8, "h"); ``"N"`` -> (1, "N")."""
+    match = _SYMBOL.match(entry)
+    if not match:
+        raise ValueError(f"bad shape symbol {entry!r}")
+    return int(match.group(1) or 1), match.group(2)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: DType
+    shape: tuple[int | str, ...]
+    doc: str = ""
+
+    def concrete_shape(self, dims: Mapping[str, int]) -> tuple[int, ...]:
+        out = []
+        for entry in self.shape:
+            if isinstance(entry, int):
+                out.append(entry)
+            else:
+                scale, name = parse_symbol(entry)
+                out.append(scale * dims[name])
+        return tuple(out)
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        """Axis index -> symbol name for the axes that are not static (ONNX ``dynamic_axes``)."""
+        return {i: parse_symbol(e)[1] for i, e in enumerate(self.shape) if isinstance(e, str)}
+
+
+class StageInputError(ValueError):
+    """Inputs of a stage call do not satisfy the stage contract."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One row of the table."""
+
+    name: str
+    network: str  # which network of kvt.models runs it
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dims: Mapping[str, Dim]
+    doc: str = ""
+    # Extra optimisation profiles (each a full set of dims); default: the single profile `dims`.
+    extra_profiles: tuple[Mapping[str, Dim], ...] = field(default=())
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
+
+    @property
+    def profiles(self) -> tuple[Mapping[str, Dim], ...]:
+        return (self.dims,) + tuple(self.extra_profiles)
+
+    def shapes(self, dims: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+        """Concrete shapes of every input and output for the given dimension values."""
+        missing = set(self.dims) - set(dims)
+        if missing:
+            raise ValueError(f"stage {self.name}: values for dims {sorted(missing)} are needed")
+        return {t.name: t.concrete_shape(dims) for t in self.inputs + self.outputs}
+
+    def opt_dims(self, profile: int = 0) -> dict[str, int]:
+        return {name: d.opt for name, d in self.profiles[profile].items()}
+
+    def sample_inputs(self, dims: Mapping[str, int] | None = None,
+                      device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Valid inputs of the given (default: opt) dims with in-range values, for export and tests."""
+        dims = dict(dims or self.opt_dims())
+        gen = torch.Generator().manual_seed(0)
+        out: dict[str, torch.Tensor] = {}
+        for spec in self.inputs:
+            shape = spec.concrete_shape(dims)
+            if spec.dtype is DType.BOOL:
+                value = torch.zeros(shape, dtype=torch.bool)
+                value[..., 0] = True
+            elif spec.dtype in (DType.INT32, DType.INT64):
+                value = torch.ones(shape, dtype=spec.dtype.torch)
+            else:
+                value = torch.randn(shape, generator=gen).to(spec.dtype.torch)
+            out[spec.name] = value.to(device)
+        return out
+
+    def bind_dims(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
+        """Check ``tensors`` against the contract and return the dimension values they imply."""
+        names = set(tensors)
+        expected = set(self.input_names)
+        if names != expected:
+            raise StageInputError(
+                f"stage {self.name}: inputs {sorted(names)} do not match the contract "
+                f"(missing {sorted(expected - names)}, unexpected {sorted(names - expected)})"
+            )
+        bound: dict[str, int] = {}
+        for spec in self.inputs:
+            tensor = tensors[spec.name]
+            if tensor.dtype != spec.dtype.torch:
+                raise StageInputError(
+                    f"stage {self.name}: input {spec.name!r} has dtype {tensor.dtype}, "
+                    f"the contract says {spec.dtype.value}")
+            if tensor.dim() != len(spec.shape):
+                raise StageInputError(
+                    f"stage {self.name}: input {spec.name!r} has shape {list(tensor.shape)}, "
+                    f"the contract says {list(spec.shape)}")
+            for axis, (entry, size) in enumerate(zip(spec.shape, tensor.shape)):
+                if isinstance(entry, int):
+                    if size != entry:
+                        raise StageInputError(
+                            f"stage {self.name}: input {spec.name!r} axis {axis} is {size}, must be {entry}")
+                    continue
+                scale, name = parse_symbol(entry)
+                if size % scale:
+                    raise StageInputError(
+                        f"stage {self.name}: input {spec.name!r} axis {axis} ({entry}) is {size}, "
+                        f"not a multiple of {scale}")
+                value = size // scale
+                if bound.setdefault(name, value) != value:
+                    raise StageInputError(
+                        f"stage {self.name}: dim {name} is {bound[name]} in one input and {value} in "
+                        f"{spec.name!r}")
+        for name, value in bound.items():
+            if not any(profile[name].contains(value) for profile in self.profiles):
+                raise StageInputError(
+                    f"stage {self.name}: dim {name}={value} is outside the supported range "
+                    f"{self.dims[name].describe()}")
+        return bound
+
+
+@dataclass(frozen=True)
+class ResolutionRange:
+    """Output frame sizes the stage ranges are built for (pixels; multiples of 64)."""
+
+    min: int = 64
+    opt: int = 512
+    max: int = 1024
+
+    def __post_init__(self) -> None:
+        for value in (self.min, self.opt, self.max):
+            if value % PIXEL_MULTIPLE:
+                raise ValueError(f"resolution {value} is not a multiple of {PIXEL_MULTIPLE}")
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(f"resolution range needs min <= opt <= max, got {self}")
+
+    def latent(self, downscale: int) -> Dim:
+        """The range of a latent side at pixels / downscale (video latents 8, key-frame latents 4)."""
+        return Dim(self.min // downscale, self.opt // downscale, self.max // downscale,
+                   PIXEL_MULTIPLE // downscale)
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The few model facts the stage shapes depend on."""
+
+    tokens_length: int  # static context length S (128 released)
+    context_dim: int  # D (4096 released)
+
+    @classmethod
+    def from_config(cls, config) -> "ModelDims":
+        return cls(tokens_length=config.text_encoder.tokens_length,
+                   context_dim=config.text_encoder.context_dim)
+
+
+def _context_inputs(S: int, D: int, batch: str) -> tuple[TensorSpec, ...]:
+    return (
+        TensorSpec("context", DType.FP32, (batch, S, D),
+                   "text context, static length; rows past the prompt are zero (null rows: only row 0)"),
+        TensorSpec("context_mask", DType.BOOL, (batch, S), "True for valid context positions"),
+        TensorSpec("context_len", DType.FP32, (batch,),
+                   "official trimmed length L = min(n_tokens + 1, S) of the request's prompt, on every row"),
+    )
+
+
+@dataclass(frozen=True)
+class StageTable:
+    stages: Mapping[str, StageSpec]
+    model: ModelDims
+    resolution: ResolutionRange
+
+    def __getitem__(self, name: str) -> StageSpec:
+        try:
+            return self.stages[name]
+        except KeyError:
+            raise KeyError(f"unknown stage {name!r}; stages: {list(self.stages)}") from None
+
+    def __iter__(self):
+        return iter(self.stages.values())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.stages
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.stages)
+
+
+def build_stage_table(model: ModelDims, resolution: ResolutionRange = ResolutionRange()) -> StageTable:
+    S, D, C = model.tokens_length, model.context_dim, LATENT_CHANNELS
+    video_latent = resolution.latent(8)
+    key_latent = resolution.latent(4)
+
+    stages = [
+        StageSpec(
+            name="text_encoder", network="text_encoder",
+            inputs=(TensorSpec("input_ids", DType.INT32, ("B", S), "token ids, right-padded with 0"),
+                    TensorSpec("attention_mask", DType.INT32, ("B", S), "1 for tokens (incl. EOS)")),
+            outputs=(TensorSpec("context", DType.FP32, ("B", S, D),
+                                "projection_base(T5(ids)); rows with mask 0 exactly zero"),),
+            dims={"B": Dim(1, 1, 4)},
+            doc="Flan-UL2 encoder + projection_base + zeroing of padded rows (run once per request)",
+        ),
+        StageSpec(
+            name="unet_t2v_image", network="unet_t2v",
+            inputs=(TensorSpec("sample", DType.FP32, ("N", 9, "h", "w"), "[x_t | condition | mask]"),
+                    TensorSpec("timestep", DType.FP32, ("N",)),
+                    *_context_inputs(S, D, "N")),
+            outputs=(TensorSpec("eps", DType.FP32, ("N", C, "h", "w")),),
+            dims={"N": Dim(2, 2, 8, 2), "h": key_latent, "w": key_latent},
+            doc="t2v U-Net in image mode (image_in_layer, no temporal layers): loop A, the key frame "
+                "at twice the video resolution; 2 rows per request [prompt | null]",
+        ),
+        StageSpec(
+            name="unet_t2v_video", network="unet_t2v",
+            inputs=(TensorSpec("sample", DType.FP32, ("N", 9, "h", "w"), "[x_t | condition | mask]"),
+                    TensorSpec("timestep", DType.FP32, ("N",)),
+                    *_context_inputs(S, D, "N"),
+                    TensorSpec("frame_index", DType.FP32, ("N",), "0..11 per guidance branch"),
+                    TensorSpec("noise_aug", DType.FP32, ("N",), "noise augmentation timestep (20)"),
+                    TensorSpec("motion_score", DType.FP32, ("N",), "1 / 10 / 50 / 100")),
+            outputs=(TensorSpec("eps", DType.FP32, ("N", C, "h", "w")),),
+            dims={"N": Dim(3 * NUM_BASE_FRAMES, 3 * NUM_BASE_FRAMES, 6 * NUM_BASE_FRAMES, NUM_BASE_FRAMES),
+                  "h": video_latent, "w": video_latent},
+            doc="t2v U-Net in video mode (in_layer, temporal layers, 12 frames per group): loop B; "
+                "36 rows per request [prompt+image | null+image | null]",
+        ),
+        StageSpec(
+            name="unet_interp", network="unet_interpolation",
+            inputs=(TensorSpec("sample", DType.FP32, ("N", 20, "h", "w"), "[left | x_t (3 frames) | right]"),
+                    TensorSpec("timestep", DType.FP32, ("N",)),
+                    *_context_inputs(S, D, "N"),
+                    TensorSpec("skip_frames", DType.INT32, ("N",), "3 (12->45 pass) or 1 (45->177 pass)"),
+                    TensorSpec("perturbation_time", DType.FP32, ("N",), "always 0"),
+                    TensorSpec("temporal_mask", DType.FP32, ("N",), "1 for conditional rows, 0 otherwise")),
+            outputs=(TensorSpec("v", DType.FP32, ("N", 12, "h", "w"), "v-prediction, 3 frames x 4 ch"),),
+            dims={"N": Dim(4, 22, 88, 2), "h": video_latent, "w": video_latent},
+            extra_profiles=({"N": Dim(4, 88, 88, 2), "h": video_latent, "w": video_latent},),
+            doc="interpolation U-Net: loop C; rows [G conditional | G unconditional], G = frames - 1 "
+                "(11 for 12->45, 44 for 45->177); all G groups in one call (temporal axis = group)",
+        ),
+        StageSpec(
+            name="movq_encoder", network="image_movq",
+            inputs=(TensorSpec("image", DType.FP32, ("B", 3, "8h", "8w"), "RGB in [-1, 1]"),),
+            outputs=(TensorSpec("latent", DType.FP32, ("B", C, "h", "w")),),
+            dims={"B": Dim(1, 1, 4), "h": video_latent, "w": video_latent},
+            doc="image MoVQ encoder + quant_conv: the key frame (generated or the user's image)",
+        ),
+        StageSpec(
+            name="movq_decoder", network="image_movq",
+            inputs=(TensorSpec("latent", DType.FP32, (1, C, "h", "w"), "also the SpatialNorm condition"),),
+            outputs=(TensorSpec("image", DType.FP32, (1, 3, "8h", "8w"), "nominally [-1, 1]"),),
+            dims={"h": key_latent, "w": key_latent},
+            doc="image MoVQ decoder (post_quant_conv + decoder) for the key frame at 2H x 2W; batch 1 "
+                "(the decoder's attention norms couple items of a batch)",
+        ),
+        StageSpec(
+            name="video_movq_decoder", network="video_movq",
+            inputs=(TensorSpec("latent", DType.FP32, ("F", C, "h", "w"), "one chunk of frames"),),
+            outputs=(TensorSpec("frames", DType.FP32, ("F", 3, "8h", "8w"), "nominally [-1, 1]"),),
+            dims={"F": Dim(1, 5, 8), "h": video_latent, "w": video_latent},
+            doc="video MoVQ decoder on one chunk (chunks of video.chunk(T // 4): 4 / 5 / 5 and a 2)",
+        ),
+    ]
+    return StageTable(stages={s.name: s for s in stages}, model=model, resolution=resolution)
+
+
+# ------------------------------------------------------------------------------------------------
+# the calls one request makes
+# ------------------------------------------------------------------------------------------------
+
+def video_decode_chunks(num_frames: int) -> list[int]:
+    """Chunk lengths of the official ``video.chunk(T // 4)`` (torch.chunk semantics)."""
+    if num_frames < 4:
+        return [num_frames]
+    chunks = num_frames // 4
+    size = -(-num_frames // chunks)
+    out = [size] * (num_frames // size)
+    if num_frames % size:
+        out.append(num_frames % size)
+    return out
+
+
+@dataclass(frozen=True)
+class StageCall:
+    stage: str
+    dims: Mapping[str, int]
+    calls: int
+
+
+def request_plan(width: int, height: int, fps: str, with_image: bool, key_frame_steps: int = 50,
+                 base_frame_steps: int = 50, interpolation_steps: int = 10) -> list[StageCall]:
+    """The stage calls one request makes, in order, with their dims and repeat counts."""
+    h, w = height // 8, width // 8
+    plan = [StageCall("text_encoder", {"B": 1}, 1)]
+    if not with_image:
+        plan.append(StageCall("unet_t2v_image", {"N": 2, "h": 2 * h, "w": 2 * w}, key_frame_steps))
+        plan.append(StageCall("movq_decoder", {"h": 2 * h, "w": 2 * w}, 1))
+    plan.append(StageCall("movq_encoder", {"B": 1, "h": h, "w": w}, 1))
+    plan.append(StageCall("unet_t2v_video", {"N": 3 * NUM_BASE_FRAMES, "h": h, "w": w}, base_frame_steps))
+    frames = NUM_BASE_FRAMES
+    for _ in INTERPOLATION_PASSES[fps]:
+        plan.append(StageCall("unet_interp", {"N": 2 * (frames - 1), "h": h, "w": w}, interpolation_steps))
+        frames = 4 * frames - 3
+    chunk_sizes = video_decode_chunks(frames)
+    for size in sorted(set(chunk_sizes), reverse=True):
+        plan.append(StageCall("video_movq_decoder", {"F": size, "h": h, "w": w}, chunk_sizes.count(size)))
+    return plan
+
+
+def frames_for(fps: str) -> int:
+    return FPS_FRAMES[fps]
+
+
+def check_plan_consistency(table: StageTable, plan: Sequence[StageCall]) -> None:
+    """Every call of a plan fits its stage's ranges (used by tests and build-time checks)."""
+    for call in plan:
+        stage = table[call.stage]
+        for name, value in call.dims.items():
+            if not any(p[name].contains(value) for p in stage.profiles):
+                raise StageInputError(
+                    f"stage {call.stage}: dim {name}={value} is outside {stage.dims[name].describe()}")

@@ -1,0 +1,206 @@
+"""End-to-end parity with the official pipeline on every reference case (recorded noise replayed).
+
+Reference README, "Stage-wise testing": the key frame reaches the base-frame stage as a uint8 image, so
+a 1e-6 change upstream can flip a few uint8 values and move later latents by ~1e-3. Each stage is
+therefore fed the stored golden input of that stage and must match its golden output: latents to atol
+1e-4, frames to |diff| <= 1 on at most 0.1 % of the uint8 values. The image-to-video case has no such
+round trip and is also compared whole.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import refdata
+from recording import RecordingBackend
+from kvt.models.checkpoints import load_checkpoint_dir
+from kvt.runtime.images import key_frame_pixels
+from kvt.runtime.noise import RecordedDraw, ReplayNoise
+from kvt.runtime.pipeline import KandinskyVideoPipeline
+from kvt.runtime.request import MOTION_SCORES
+
+LATENT_ATOL = 1e-4  # reference README: stage-wise latents
+FRAME_MAX_DIFF = 1  # reference README: uint8 frames differ by at most 1 ...
+FRAME_MAX_FRACTION = 1e-3  # ... on at most 0.1 % of the values
+_KINDS = {"randn": "randn", "randn_like": "randn", "rand": "rand", "rand_like": "rand"}
+
+
+def _cases() -> list[str]:
+    return sorted({str(Path(f).parent) for f in refdata.files_with_prefix("e2e/")})
+
+
+@dataclass
+class Case:
+    name: str
+    folder: Path
+    meta: dict
+    outputs: dict
+    noise_log: list
+    noise: dict
+
+    def replay(self, stage: str | None = None) -> ReplayNoise:
+        draws = [RecordedDraw(_KINDS[e["fn"]], self.noise[e["tensor"]])
+                 for e in self.noise_log if stage is None or e["stage"] == stage]
+        return ReplayNoise(draws)
+
+    @property
+    def kwargs(self) -> dict:
+        return self.meta["kwargs"]
+
+    def settings(self) -> dict:
+        """The official knobs in effect: call kwargs over the recorded defaults. An unknown motion
+        (the official default 'normal') is what the official pipeline falls back to: 'medium'."""
+        merged = {**self.meta["defaults_in_effect"], **self.kwargs}
+        motion = str(merged["motion"]).split()[0]
+        return {
+            "motion": motion if motion in MOTION_SCORES else "medium",
+            "key_frame_guidance_scale": float(merged["key_frame_guidance_scale"]),
+            "guidance_weight_prompt": float(merged["guidance_weight_prompt"]),
+            "guidance_weight_image": float(merged["guidance_weight_image"]),
+            "interpolation_guidance_scale": float(merged["interpolation_guidance_scale"]),
+            "noise_augmentation": int(merged["noise_augmentation"]),
+        }
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    ref = refdata.require_reference()
+    models = load_checkpoint_dir(ref / "checkpoints")
+    return KandinskyVideoPipeline.from_models(models)
+
+
+def _load_case(path: str) -> Case:
+    folder = refdata.reference_dir() / path
+    return Case(
+        name=Path(path).name, folder=folder,
+        meta=json.loads((folder / "meta.json").read_text()),
+        outputs=refdata.load_tensors(f"{path}/outputs.safetensors"),
+        noise_log=json.loads((folder / "noise_log.json").read_text()),
+        noise=refdata.load_tensors(f"{path}/noise_log.safetensors"),
+    )
+
+
+def _assert_close(name: str, ours: torch.Tensor, golden: torch.Tensor, atol: float = LATENT_ATOL) -> float:
+    assert tuple(ours.shape) == tuple(golden.shape), f"{name}: shape {list(ours.shape)} != {list(golden.shape)}"
+    err = (ours.float().cpu() - golden.float()).abs().max().item()
+    assert err <= atol, f"{name}: max abs error {err:.3e} > {atol:.0e}"
+    return err
+
+
+def _assert_frames(name: str, ours: np.ndarray, golden: torch.Tensor) -> tuple[int, float]:
+    golden = golden.numpy()
+    assert ours.shape == golden.shape, f"{name}: shape {ours.shape} != {golden.shape}"
+    diff = np.abs(ours.astype(np.int16) - golden.astype(np.int16))
+    worst, fraction = int(diff.max()), float((diff > 0).mean())
+    assert worst <= FRAME_MAX_DIFF and fraction <= FRAME_MAX_FRACTION, \
+        f"{name}: max uint8 diff {worst}, {fraction:.4%} of values differ"
+    return worst, fraction
+
+
+def _steps(case: Case) -> dict:
+    steps = case.meta["sampler_steps"]
+    return {"key_frame_steps": steps["key_frame_and_base_frames"],
+            "base_frame_steps": steps["key_frame_and_base_frames"],
+            "interpolation_steps": steps["interpolation"]}
+
+
+@pytest.mark.parametrize("path", _cases())
+def test_stage_wise(pipeline, path):
+    case = _load_case(path)
+    out, kw, steps, knobs = case.outputs, case.kwargs, _steps(case), case.settings()
+    width, height = kw["width"], kw["height"]
+    report = {}
+
+    text = pipeline.encode_prompt(kw["prompt"])
+    assert text.tokens.input_ids[0].tolist() == out["input_ids"].tolist()
+    length = out["text_context"].shape[1]
+    assert text.length == length
+    report["text_context"] = _assert_close("text_context", text.context[:, :length], out["text_context"],
+                                           refdata.recommended_atol("text_encoder"))
+    assert torch.equal(text.mask[:, :length].long(), out["text_context_mask"])
+
+    if "key_frame_latent" in out:
+        noise = case.replay("key_frame")
+        latent = pipeline.generate_key_frame_latent(text, width, height, knobs["key_frame_guidance_scale"],
+                                                    steps["key_frame_steps"], noise)
+        assert noise.exhausted
+        report["key_frame_latent"] = _assert_close("key_frame_latent", latent, out["key_frame_latent"])
+        decoded = np.asarray(pipeline.decode_key_frame(out["key_frame_latent"]))
+        report["key_frame_image_uint8"] = _assert_frames("key_frame_image_uint8", decoded[None],
+                                                         out["key_frame_image_uint8"][None])
+        key_image = Image.fromarray(out["key_frame_image_uint8"].numpy())
+    else:
+        key_image = Image.open(case.folder / "input_image.png")
+    pixels = key_frame_pixels(key_image, width, height)
+    assert torch.equal(pixels, out["key_frame_pixels"]), "Pillow preprocessing must be exact"
+    encoded = pipeline.encode_key_frame(key_image, width, height)
+    report["key_frame_encoded"] = _assert_close("key_frame_encoded", encoded, out["key_frame_encoded"])
+
+    recorder = RecordingBackend(pipeline.backend, keep={"unet_t2v_video": ("sample",)})
+    recorded = KandinskyVideoPipeline(recorder, pipeline.tokenizer, pipeline.t2v_null_embedding,
+                                      pipeline.interpolation_null_embedding)
+    noise = case.replay("base_frames")
+    base = recorded.generate_base_frames(
+        text, out["key_frame_encoded"], MOTION_SCORES[knobs["motion"]], knobs["guidance_weight_prompt"],
+        knobs["guidance_weight_image"], knobs["noise_augmentation"], steps["base_frame_steps"], noise)
+    assert noise.exhausted
+    report["noise_aug.key_frame_noisy"] = _assert_close(
+        "noise_aug.key_frame_noisy", recorder.calls[0].inputs["sample"][0, 4:8], out["noise_aug.key_frame_noisy"])
+    report["base_frames_latents"] = _assert_close("base_frames_latents", base, out["base_frames_latents"])
+
+    if "interpolation_groups_latents" in out:
+        noise = case.replay("interpolation")
+        video = pipeline.interpolate(text, out["base_frames_latents"], 3, knobs["interpolation_guidance_scale"],
+                                     steps["interpolation_steps"], noise)
+        assert noise.exhausted
+        report["video_latents"] = _assert_close("video_latents", video, out["video_latents"])
+        groups = torch.stack([video[4 * g + 1: 4 * g + 4].reshape(-1, *video.shape[-2:])
+                              for g in range(video.shape[0] // 4)])
+        report["interpolation_groups_latents"] = _assert_close(
+            "interpolation_groups_latents", groups, out["interpolation_groups_latents"])
+    else:
+        assert torch.equal(out["video_latents"], out["base_frames_latents"])
+
+    frames = pipeline.decode_video(out["video_latents"])
+    report["frames_uint8"] = _assert_frames("frames_uint8", frames, out["frames_uint8"])
+    print(f"\n{case.name} stage-wise: " + ", ".join(f"{k} {v}" for k, v in report.items()))
+
+
+@pytest.mark.parametrize("path", _cases())
+def test_whole_chain(pipeline, path):
+    """The full request with the recorded noise, through ``pipeline(...)``.
+
+    Always: every recorded draw is consumed in order and the decoded key frame is within the frame
+    tolerance. Downstream latents and frames are held to the stage tolerances when no uint8 value of
+    the key frame flipped (the reference README's condition for whole-chain comparison): always for
+    image-to-video. A flip is amplified chaotically by the rest of the chain (the official code shows
+    the same under a 1-thread rerun), and those stages are covered by ``test_stage_wise``.
+    """
+    case = _load_case(path)
+    out, kw = case.outputs, case.kwargs
+    image = Image.open(case.folder / "input_image.png") if "image" in kw else None
+    noise = case.replay()
+    result = pipeline(kw["prompt"], image, width=kw["width"], height=kw["height"], fps=kw["fps"],
+                      progress=False, noise=noise, **case.settings(), **_steps(case))
+    assert noise.exhausted, "every recorded draw must be consumed, in order"
+    assert result.num_frames == out["frames_uint8"].shape[0]
+    key_frame_exact = True
+    if "key_frame_image_uint8" in out:
+        ours = np.asarray(result.key_frame)[None]
+        _assert_frames("key_frame_image_uint8", ours, out["key_frame_image_uint8"][None])
+        key_frame_exact = np.array_equal(ours[0], out["key_frame_image_uint8"].numpy())
+    if key_frame_exact:
+        _assert_close("video_latents", result.latents, out["video_latents"])
+        _assert_frames("frames_uint8", result.frames, out["frames_uint8"])
+    else:
+        diff = np.abs(result.frames.astype(int) - out["frames_uint8"].numpy().astype(int))
+        print(f"\n{case.name}: key frame flipped uint8 values; whole-chain latents differ by "
+              f"{(result.latents - out['video_latents']).abs().max().item():.2e}, frames by <= {diff.max()} "
+              f"on {(diff > 0).mean():.2%} of values (not asserted; see test_stage_wise)")

@@ -1,0 +1,87 @@
+"""Text encoder (T5 + projections, static length) and tokenizer against the golden text tensors."""
+
+import json
+
+import pytest
+import torch
+
+import refdata
+from kvt.models.checkpoints import load_text_encoder
+from kvt.models.text_encoder import TINY_TOKENIZER_DIR, PromptTokenizer, text_context_length, trim_context
+
+TEXT_FILE = "text/text_encoder.safetensors"
+TOKENIZER_FILE = "text/tokenizer_cases.json"
+
+
+@pytest.fixture(scope="module")
+def reference_encoder():
+    ref = refdata.require_reference()
+    configs = json.loads((ref / "checkpoints" / "configs.json").read_text())
+    t5_dir = ref / "checkpoints" / configs["text_encoder"]["weights_path"]
+    encoder = load_text_encoder(t5_dir, ref / "checkpoints" / "t5_projections.pt",
+                                configs["text_encoder"]["context_dim"], "cpu", torch.float32)
+    return encoder, t5_dir, configs["text_encoder"]["tokens_length"]
+
+
+def _atol() -> float:
+    return refdata.recommended_atol(refdata.case_name(TEXT_FILE))
+
+
+def _check(name: str, ours: torch.Tensor, golden: torch.Tensor) -> float:
+    assert ours.shape == golden.shape, f"{name}: shape {list(ours.shape)} != {list(golden.shape)}"
+    err = (ours.float() - golden.float()).abs().max().item()
+    assert err <= _atol(), f"{name}: max abs error {err:.2e} > {_atol():.0e}"
+    return err
+
+
+def test_hidden_states_and_raw_projections(reference_encoder):
+    encoder, _, _ = reference_encoder
+    golden = refdata.load_tensors(TEXT_FILE)
+    with torch.inference_mode():
+        hidden = encoder.hidden_states(golden["input_ids"], golden["attention_mask"])
+        _check("last_hidden_state", hidden, golden["last_hidden_state"])
+        _check("projection_base_raw", encoder.project(hidden, "projection_base"), golden["projection_base_raw"])
+        _check("projection_interpolation_raw", encoder.project(hidden, "projection_interpolation"),
+               golden["projection_interpolation_raw"])
+
+
+def test_trimmed_contexts(reference_encoder):
+    """Static-length output, trimmed the official way, equals every stored pipeline context."""
+    encoder, _, _ = reference_encoder
+    golden = refdata.load_tensors(TEXT_FILE)
+    prompts = {"short": 0, "long": 1}
+    cases = sorted({k.rsplit(".context", 1)[0] for k in golden if k.endswith(".context")})
+    assert cases, "no context cases in the text file"
+    for case in cases:
+        prefix, head = case.split(".", 1)
+        rows = [prompts[prefix]] if prefix in prompts else [0, 1]
+        ids, mask = golden["input_ids"][rows], golden["attention_mask"][rows]
+        with torch.inference_mode():
+            context = encoder(ids, mask, head=head)
+        assert (context[mask == 0] == 0).all(), "padded rows must be exactly zero"
+        trimmed, trimmed_mask = trim_context(context, mask)
+        _check(f"{case}.context", trimmed, golden[f"{case}.context"])
+        assert torch.equal(trimmed_mask, golden[f"{case}.context_mask"]), f"{case}: mask differs"
+        assert int(text_context_length(mask)[0]) == golden[f"{case}.context"].shape[1]
+
+
+def test_tokenizer_cases(reference_encoder):
+    _, t5_dir, tokens_length = reference_encoder
+    cases = json.loads((refdata.reference_dir() / TOKENIZER_FILE).read_text())
+    tokenizer = PromptTokenizer(t5_dir, cases["tokens_length"])
+    for case in cases["cases"]:
+        tokens = tokenizer(case["text"])
+        assert tokens.input_ids[0].tolist() == case["input_ids"], case["text"]
+        assert tokens.attention_mask[0].tolist() == case["attention_mask"], case["text"]
+        assert tokens.n_tokens == sum(case["attention_mask"])
+        assert tokens.truncated == (len(case["sentencepiece_encode"]) + 1 > tokens_length)
+
+
+def test_embedded_tiny_tokenizer_reports_truncation():
+    tokenizer = PromptTokenizer(TINY_TOKENIZER_DIR, 16)
+    assert tokenizer.vocab_size <= 256  # fits the tiny T5 vocabulary
+    short = tokenizer("a cat")
+    assert not short.truncated and short.input_ids.shape == (1, 16) and short.input_ids[0, short.n_tokens - 1] == 1
+    long = tokenizer("a red car is drifting on the mountain road, close view, fast movement")
+    assert long.truncated and long.n_tokens == 16 and long.n_tokens_requested > 16
+    assert long.input_ids[0, -1].item() == 1  # EOS kept at the end, as the official call does
