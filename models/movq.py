@@ -22,20 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .configs import MoVQConfig
+from .norms import FP32GroupNorm
 
 __all__ = ["MoVQ", "MoVQEncoder", "MoVQDecoder"]
 
 _GROUPS = 32
 _EPS = 1e-6
-
-
-class FP32GroupNorm(nn.GroupNorm):
-    """GroupNorm that always computes in float32, so fp16/bf16 weights keep fp32-quality statistics."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
-        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 class SpatialNorm(nn.Module):

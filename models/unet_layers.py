@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .configs import UNetSkeletonConfig
+from .norms import FP32GroupNorm
 
 Resample = Optional[Literal["up", "down"]]
 
@@ -65,19 +66,6 @@ class EmbedMLP(nn.Sequential):
     def forward(self, x: Tensor) -> Tensor:
         sinusoid, first, activation, second = self
         return second(activation(first(sinusoid(x).to(first.weight.dtype))))
-
-
-class FP32GroupNorm(nn.GroupNorm):
-    """GroupNorm computed in float32 and cast back (eps 1e-5 as ``nn.GroupNorm``'s default).
-
-    Low-precision statistics over large groups drift; the official autocast runs GroupNorm in fp32.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        weight = None if self.weight is None else self.weight.to(torch.float32)
-        bias = None if self.bias is None else self.bias.to(torch.float32)
-        out = F.group_norm(x.to(torch.float32), self.num_groups, weight, bias, self.eps)
-        return out.to(x.dtype)
 
 
 class ConditionalGroupNorm(nn.Module):

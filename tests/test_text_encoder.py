@@ -85,3 +85,20 @@ def test_embedded_tiny_tokenizer_reports_truncation():
     long = tokenizer("a red car is drifting on the mountain road, close view, fast movement")
     assert long.truncated and long.n_tokens == 16 and long.n_tokens_requested > 16
     assert long.input_ids[0, -1].item() == 1  # EOS kept at the end, as the official call does
+
+
+def test_full_size_text_encoder_parameter_counts():
+    """Spec checkpoints.md: Flan-UL2 encoder 8,721,797,632 params (8,590,201,344 without the token
+    embedding); each T5 projection 16,785,408. Built on the meta device."""
+    from transformers import T5Config, T5EncoderModel
+
+    from kvt.models import FULL
+    from kvt.models.text_encoder import TextEncoder
+
+    with torch.device("meta"):
+        encoder = TextEncoder(T5EncoderModel(T5Config(**FULL.t5)), FULL.config.text_encoder.context_dim)
+    t5_params = sum(p.numel() for p in encoder.t5.parameters())
+    assert t5_params == 8_721_797_632
+    assert t5_params - encoder.t5.shared.weight.numel() == 8_590_201_344
+    for head in ("projection_base", "projection_interpolation"):
+        assert sum(p.numel() for p in getattr(encoder, head).parameters()) == 16_785_408
