@@ -244,6 +244,7 @@ class KandinskyVideoPipeline:
         )
         return self.generate(request, progress=progress, callback=callback, noise=noise)
 
+    @torch.inference_mode()
     def generate(self, request: GenerationRequest, progress: bool = True,
                  callback: StepCallback | None = None, noise: NoiseSource | None = None) -> VideoOutput:
         validate_request(request, self.table.resolution)
@@ -290,6 +291,7 @@ class KandinskyVideoPipeline:
 
     # ------------------------------------------------------------------ stages of a request
 
+    @torch.inference_mode()
     def encode_prompt(self, prompt: str) -> PromptContext:
         """Tokenize (static length S, official truncation) and run the text encoder once."""
         tokens = self.tokenizer(prompt)
@@ -327,6 +329,7 @@ class KandinskyVideoPipeline:
             "context_len": torch.full((rows,), float(text.length), device=self.device),
         }
 
+    @torch.inference_mode()
     def generate_key_frame_latent(self, text: PromptContext, width: int, height: int, scale: float,
                                   steps: int, noise: NoiseSource, progress: _Progress | None = None,
                                   callback: StepCallback | None = None) -> torch.Tensor:
@@ -347,16 +350,19 @@ class KandinskyVideoPipeline:
 
         return self._denoise("key_frame", sampler, x, predict, noise, progress, callback)
 
+    @torch.inference_mode()
     def decode_key_frame(self, latent: torch.Tensor) -> Image.Image:
         """Image MoVQ decode -> clip -> x255 -> truncate -> PIL RGB (2H x 2W)."""
         image = self.backend.run("movq_decoder", {"latent": latent.float()})["image"]
         return Image.fromarray(to_uint8(image)[0])
 
+    @torch.inference_mode()
     def encode_key_frame(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
         """Pillow resize / centre-crop to width x height, image MoVQ encode -> latent [4, H/8, W/8]."""
         pixels = key_frame_pixels(image, width, height).to(self.device)
         return self.backend.run("movq_encoder", {"image": pixels})["latent"][0]
 
+    @torch.inference_mode()
     def generate_base_frames(self, text: PromptContext, key_latent: torch.Tensor, motion_score: int,
                              weight_prompt: float, weight_image: float, noise_augmentation: int,
                              steps: int, noise: NoiseSource, progress: _Progress | None = None,
@@ -390,6 +396,7 @@ class KandinskyVideoPipeline:
 
         return self._denoise("base_frames", sampler, x, predict, noise, progress, callback)
 
+    @torch.inference_mode()
     def interpolate(self, text: PromptContext, frames: torch.Tensor, skip_frames: int, scale: float,
                     steps: int, noise: NoiseSource, progress: _Progress | None = None,
                     callback: StepCallback | None = None) -> torch.Tensor:
@@ -419,6 +426,7 @@ class KandinskyVideoPipeline:
         new_frames = self._denoise("interpolation", sampler, x, predict, noise, progress, callback)
         return interleave(frames, new_frames)
 
+    @torch.inference_mode()
     def decode_video(self, latents: torch.Tensor) -> np.ndarray:
         """Video MoVQ decode in the official chunks (``chunk(T // 4)``) -> uint8 [T, H, W, 3]."""
         out = []

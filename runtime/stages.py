@@ -252,6 +252,15 @@ class ModelDims:
                    context_dim=config.text_encoder.context_dim)
 
 
+def _unet_inputs(channels: int, sample_doc: str, S: int, D: int) -> tuple[TensorSpec, ...]:
+    """The inputs every U-Net stage starts with: sample, timestep and the text context."""
+    return (
+        TensorSpec("sample", DType.FP32, ("N", channels, "h", "w"), sample_doc),
+        TensorSpec("timestep", DType.FP32, ("N",)),
+        *_context_inputs(S, D, "N"),
+    )
+
+
 def _context_inputs(S: int, D: int, batch: str) -> tuple[TensorSpec, ...]:
     return (
         TensorSpec("context", DType.FP32, (batch, S, D),
@@ -302,9 +311,7 @@ def build_stage_table(model: ModelDims, resolution: ResolutionRange = Resolution
         ),
         StageSpec(
             name="unet_t2v_image", network="unet_t2v",
-            inputs=(TensorSpec("sample", DType.FP32, ("N", 9, "h", "w"), "[x_t | condition | mask]"),
-                    TensorSpec("timestep", DType.FP32, ("N",)),
-                    *_context_inputs(S, D, "N")),
+            inputs=_unet_inputs(9, "[x_t | condition | mask]", S, D),
             outputs=(TensorSpec("eps", DType.FP32, ("N", C, "h", "w")),),
             dims={"N": Dim(2, 2, 8, 2), "h": key_latent, "w": key_latent},
             doc="t2v U-Net in image mode (image_in_layer, no temporal layers): loop A, the key frame "
@@ -312,9 +319,7 @@ def build_stage_table(model: ModelDims, resolution: ResolutionRange = Resolution
         ),
         StageSpec(
             name="unet_t2v_video", network="unet_t2v",
-            inputs=(TensorSpec("sample", DType.FP32, ("N", 9, "h", "w"), "[x_t | condition | mask]"),
-                    TensorSpec("timestep", DType.FP32, ("N",)),
-                    *_context_inputs(S, D, "N"),
+            inputs=(*_unet_inputs(9, "[x_t | condition | mask]", S, D),
                     TensorSpec("frame_index", DType.FP32, ("N",), "0..11 per guidance branch"),
                     TensorSpec("noise_aug", DType.FP32, ("N",), "noise augmentation timestep (20)"),
                     TensorSpec("motion_score", DType.FP32, ("N",), "1 / 10 / 50 / 100")),
@@ -326,9 +331,7 @@ def build_stage_table(model: ModelDims, resolution: ResolutionRange = Resolution
         ),
         StageSpec(
             name="unet_interp", network="unet_interpolation",
-            inputs=(TensorSpec("sample", DType.FP32, ("N", 20, "h", "w"), "[left | x_t (3 frames) | right]"),
-                    TensorSpec("timestep", DType.FP32, ("N",)),
-                    *_context_inputs(S, D, "N"),
+            inputs=(*_unet_inputs(20, "[left | x_t (3 frames) | right]", S, D),
                     TensorSpec("skip_frames", DType.INT32, ("N",), "3 (12->45 pass) or 1 (45->177 pass)"),
                     TensorSpec("perturbation_time", DType.FP32, ("N",), "always 0"),
                     TensorSpec("temporal_mask", DType.FP32, ("N",), "1 for conditional rows, 0 otherwise")),

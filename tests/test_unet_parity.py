@@ -27,20 +27,6 @@ INTERPOLATION_PRODUCER = "unet_interpolation.UNet.forward"
 STATIC_CONTEXT_LEN = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Run these tiny networks on one intra-op thread, restoring the setting afterwards.
-
-    The reference tolerances cover the 1-thread reduction order (README "1 thread" column), and on a
-    shared 2-core machine two-thread OpenMP barriers were measured to stall a 0.05 s forward for
-    seconds (up to 80 s for four forwards) while one thread stayed at 0.05 s.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _cases(producer: str) -> list[str]:
     return [path for path in refdata.files_with_prefix("modules/")
             if producer in refdata.file_entry(path).get("producer", "")]

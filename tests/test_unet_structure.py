@@ -20,20 +20,6 @@ NEW_TEMPORAL_KEY = re.compile(
     r"^(temporal_conv_in|temporal_conv_out)\.|\.temporal_post_(upsample|downsample)\.")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Run these tiny networks on one intra-op thread, restoring the setting afterwards.
-
-    The reference tolerances cover the 1-thread reduction order (README "1 thread" column), and on a
-    shared 2-core machine two-thread OpenMP barriers were measured to stall a 0.05 s forward for
-    seconds (up to 80 s for four forwards) while one thread stayed at 0.05 s.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _with_new_temporal_params(config):
     return dataclasses.replace(config, add_new_temporal_params=True)
 
