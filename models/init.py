@@ -8,11 +8,16 @@ which would switch whole branches off) and outputs in range (no saturated frames
 - Embeddings N(0, 0.5^2); norm weights 1 + N(0, 0.1^2), norm biases N(0, 0.05^2);
 - scalar merge parameters U(0.2, 0.6), so that every temporal branch mixes in;
 - then ``scale_output`` (U-Net ``out_layer.2`` x 0.1, MoVQ ``decoder.conv_out`` x 0.5).
+
+Every parameter draws from its own generator, seeded from (seed, parameter name): a parameter's value
+does not depend on the order parameters are visited, so an exporter can produce any one tensor on
+demand (:func:`random_parameter`) without building the network's weights.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 from torch import nn
@@ -38,46 +43,63 @@ def _fan_in(module: nn.Module, weight: torch.Tensor) -> int:
     return weight.shape[-1] if weight.ndim > 1 else weight.numel()
 
 
+def _generator(seed: int, name: str) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+
+
+def random_parameter(owner: nn.Module, local_name: str, shape: torch.Size, seed: int, name: str,
+                     scale: float = 1.0) -> torch.Tensor:
+    """The float32 value of parameter ``name`` (``local_name`` on ``owner``) under ``seed``.
+
+    ``owner`` may live on the meta device: only its type and hyper-parameters are read.
+    """
+    gen = _generator(seed, name)
+    out = torch.empty(shape, dtype=torch.float32)
+    if isinstance(owner, nn.Embedding):
+        out.normal_(0.0, 0.5, generator=gen)
+    elif _is_norm(owner):
+        if local_name == "weight":
+            out.normal_(0.0, 0.1, generator=gen).add_(1.0)
+        else:
+            out.normal_(0.0, 0.05, generator=gen)
+    elif out.numel() == 1 and out.ndim <= 1:  # scalar merge parameters
+        out.uniform_(0.2, 0.6, generator=gen)
+    elif local_name == "bias" or out.ndim < 2:
+        out.normal_(0.0, 0.05, generator=gen)
+    else:
+        out.normal_(0.0, 1.0 / math.sqrt(_fan_in(owner, out)), generator=gen)
+    return out.mul_(scale) if scale != 1.0 else out
+
+
+def parameter_owners(module: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """Full parameter name -> (owning module, local name); tied parameters under their first name."""
+    owners: dict[str, tuple[nn.Module, str]] = {}
+    seen: set[int] = set()
+    for prefix, mod in module.named_modules():
+        for local, param in mod.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            owners[f"{prefix}.{local}" if prefix else local] = (mod, local)
+    return owners
+
+
+def output_scale(name: str, scale_output: dict[str, float] | None) -> float:
+    """The extra factor ``scale_output`` applies to parameter ``name`` (1.0 for most)."""
+    for prefix, factor in (scale_output or {}).items():
+        if name.startswith(prefix + "."):
+            return factor
+    return 1.0
+
+
 @torch.no_grad()
 def randomize_(module: nn.Module, seed: int, scale_output: dict[str, float] | None = None) -> nn.Module:
-    """Overwrite every parameter of ``module`` in place, deterministically from ``seed``.
-
-    Parameters are visited in ``named_modules()`` order with one CPU generator, so the same module
-    and seed give the same weights on any device and dtype.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    seen: set[int] = set()
-
-    def draw(param: torch.Tensor, fill) -> None:
-        if id(param) in seen:  # tied weights (T5 shared/embed_tokens) are drawn once
-            return
-        seen.add(id(param))
-        value = fill(torch.empty(param.shape, dtype=torch.float32))
+    """Overwrite every parameter of ``module`` in place, deterministically from ``seed``."""
+    params = dict(module.named_parameters())
+    for name, (owner, local) in parameter_owners(module).items():
+        param = params[name]
+        value = random_parameter(owner, local, param.shape, seed, name, output_scale(name, scale_output))
         param.copy_(value.to(param.dtype))
-
-    for _, mod in module.named_modules():
-        for pname, param in mod.named_parameters(recurse=False):
-            if isinstance(mod, nn.Embedding):
-                draw(param, lambda t: t.normal_(0.0, 0.5, generator=gen))
-            elif _is_norm(mod):
-                if pname == "weight":
-                    draw(param, lambda t: t.normal_(0.0, 0.1, generator=gen).add_(1.0))
-                else:
-                    draw(param, lambda t: t.normal_(0.0, 0.05, generator=gen))
-            elif param.numel() == 1 and param.ndim <= 1:  # scalar merge parameters
-                draw(param, lambda t: t.uniform_(0.2, 0.6, generator=gen))
-            elif pname == "bias":
-                draw(param, lambda t: t.normal_(0.0, 0.05, generator=gen))
-            elif param.ndim >= 2:
-                std = 1.0 / math.sqrt(_fan_in(mod, param))
-                draw(param, lambda t, s=std: t.normal_(0.0, s, generator=gen))
-            else:
-                draw(param, lambda t: t.normal_(0.0, 0.05, generator=gen))
-
-    for name, factor in (scale_output or {}).items():
-        target = module.get_submodule(name)
-        for param in target.parameters(recurse=False):
-            param.mul_(factor)
     return module
 
 

@@ -31,6 +31,8 @@ class Preset:
     default_width: int
     default_height: int
     description: str
+    # Frame sizes (pixels, multiples of 64) the stage ranges cover: min, opt, max.
+    resolution: tuple[int, int, int] = (256, 512, 1024)
 
 
 def _unet_skeleton(model_channels: int, init_channels: int, time_embed_dim: int, context_dim: int,
@@ -114,9 +116,20 @@ TINY = Preset(
     default_width=64,
     default_height=64,
     description="reference-data sizes (under 4 MB per network); runs end to end on a CPU in seconds",
+    resolution=(64, 64, 256),
 )
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (FULL, TINY)}
+
+
+def preset_for_config(config: KandinskyVideoConfig) -> Preset | None:
+    """The preset whose networks ``config`` describes (the text encoder's folder name aside)."""
+    import dataclasses
+
+    for preset in PRESETS.values():
+        if dataclasses.replace(config, text_encoder=preset.config.text_encoder) == preset.config:
+            return preset
+    return None
 
 
 def get_preset(name: str) -> Preset:

@@ -81,7 +81,10 @@ class ConditionalGroupNorm(nn.Module):
     def forward(self, x: Tensor, embed: Tensor) -> Tensor:
         params = self.context_mlp(embed)
         params = params[(...,) + (None,) * (x.dim() - 2)]
-        scale, shift = params.chunk(2, dim=1)
+        # Slices rather than chunk(): chunk exports as a split into an ONNX sequence, which TensorRT
+        # cannot parse; two slices are the same values.
+        channels = params.shape[1] // 2
+        scale, shift = params[:, :channels], params[:, channels:]
         return self.norm(x) * (scale + 1.0) + shift
 
 
@@ -143,7 +146,7 @@ class AttentionPolling(nn.Module):
             query = context.mean(dim=1, keepdim=True)
         else:
             query = context.sum(dim=1, keepdim=True) / context_len.to(context.dtype)[:, None, None]
-        return embed + self.attention(query, context, context_mask).squeeze(1)
+        return embed + self.attention(query, context, context_mask)[:, 0]
 
 
 class FeedForward(nn.Sequential):

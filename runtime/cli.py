@@ -95,7 +95,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .images import load_image
     from .pipeline import KandinskyVideoPipeline, _default_size_for
     from .request import GenerationRequest, validate_request
-    from .stages import ResolutionRange
+    from .stages import stage_table_for
     from .video_io import check_output_path
 
     # Everything a user can get wrong is checked before any model is loaded.
@@ -105,10 +105,9 @@ def _generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--playback-fps {args.playback_fps}: must be a positive number")
     if args.weights:
         config, _ = check_checkpoint_dir(args.weights, args.text_encoder)
-        default_size = _default_size_for(config)
     else:
-        preset = _preset(args.preset)
-        default_size = (preset.default_width, preset.default_height)
+        config = _preset(args.preset).config
+    default_size = _default_size_for(config)
     image = load_image(args.image) if args.image else None
     request = GenerationRequest(
         prompt=args.prompt, image=image, width=args.width or default_size[0],
@@ -121,7 +120,7 @@ def _generate(args: argparse.Namespace) -> int:
         key_frame_steps=args.key_frame_steps, base_frame_steps=args.base_frame_steps,
         interpolation_steps=args.interpolation_steps,
     )
-    validate_request(request, ResolutionRange())
+    validate_request(request, stage_table_for(config).resolution)
 
     start = time.perf_counter()
     if args.weights:
@@ -184,9 +183,9 @@ def _add_stages(sub: argparse._SubParsersAction) -> None:
 
 
 def _stages(args: argparse.Namespace) -> int:
-    from .stages import ModelDims, build_stage_table
+    from .stages import stage_table_for
 
-    table = build_stage_table(ModelDims.from_config(_preset(args.preset).config))
+    table = stage_table_for(_preset(args.preset).config)
     if args.json:
         rows = []
         for stage in table:

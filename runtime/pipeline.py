@@ -479,11 +479,7 @@ def _default_unet_dtype(device: str | torch.device) -> torch.dtype:
 
 def _default_size_for(config) -> tuple[int, int]:
     """A preset's default frame size when ``config`` is that preset's; otherwise the official 512."""
-    import dataclasses
+    from ..models.presets import preset_for_config
 
-    from ..models.presets import PRESETS
-
-    for preset in PRESETS.values():
-        if dataclasses.replace(config, text_encoder=preset.config.text_encoder) == preset.config:
-            return preset.default_width, preset.default_height
-    return 512, 512
+    preset = preset_for_config(config)
+    return (preset.default_width, preset.default_height) if preset else (512, 512)

@@ -156,23 +156,24 @@ class StageSpec:
     def opt_dims(self, profile: int = 0) -> dict[str, int]:
         return {name: d.opt for name, d in self.profiles[profile].items()}
 
-    def sample_inputs(self, dims: Mapping[str, int] | None = None,
-                      device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """Valid inputs of the given (default: opt) dims with in-range values, for export and tests."""
+    def sample_inputs(self, dims: Mapping[str, int] | None = None, device: torch.device | str = "cpu",
+                      seed: int = 0) -> dict[str, torch.Tensor]:
+        """Valid inputs of the given (default: opt) dims, with values like the pipeline's own.
+
+        Used to trace exports, to check parity and to warm engines up, so the values matter: timesteps
+        in [0, 999], a prompt length shared by context, mask and context_len, masked rows zero, the
+        interpolation's [conditional | unconditional] temporal mask, and so on.
+        """
         dims = dict(dims or self.opt_dims())
-        gen = torch.Generator().manual_seed(0)
-        out: dict[str, torch.Tensor] = {}
-        for spec in self.inputs:
-            shape = spec.concrete_shape(dims)
-            if spec.dtype is DType.BOOL:
-                value = torch.zeros(shape, dtype=torch.bool)
-                value[..., 0] = True
-            elif spec.dtype in (DType.INT32, DType.INT64):
-                value = torch.ones(shape, dtype=spec.dtype.torch)
-            else:
-                value = torch.randn(shape, generator=gen).to(spec.dtype.torch)
-            out[spec.name] = value.to(device)
-        return out
+        gen = torch.Generator().manual_seed(seed)
+        shapes = {t.name: t.concrete_shape(dims) for t in self.inputs}
+
+        def draw(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+            return _sample_value(name, shape, gen)
+
+        out = {spec.name: draw(spec.name, shapes[spec.name]).to(spec.dtype.torch) for spec in self.inputs}
+        _make_context_consistent(out, gen)
+        return {name: value.to(device) for name, value in out.items()}
 
     def bind_dims(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
         """Check ``tensors`` against the contract and return the dimension values they imply."""
@@ -216,6 +217,53 @@ class StageSpec:
                     f"stage {self.name}: dim {name}={value} is outside the supported range "
                     f"{self.dims[name].describe()}")
         return bound
+
+
+def _sample_value(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """A value of the kind the pipeline feeds to an input of this name."""
+    rows = shape[0] if shape else 1
+    if name == "timestep":
+        return torch.randint(0, 1000, shape, generator=gen).float()
+    if name == "frame_index":
+        return (torch.arange(rows) % NUM_BASE_FRAMES).float()
+    if name == "noise_aug":
+        return torch.full(shape, 20.0)
+    if name == "motion_score":
+        choices = torch.tensor([1.0, 10.0, 50.0, 100.0])
+        return choices[torch.randint(0, 4, (1,), generator=gen)].expand(shape).clone()
+    if name == "skip_frames":
+        return torch.full(shape, int(torch.randint(0, 2, (1,), generator=gen)) * 2 + 1)
+    if name == "perturbation_time":
+        return torch.zeros(shape)
+    if name == "temporal_mask":
+        return (torch.arange(rows) < rows // 2).float()
+    if name == "image":
+        return torch.rand(shape, generator=gen) * 2 - 1
+    if name in ("input_ids", "attention_mask", "context", "context_mask", "context_len"):
+        return torch.zeros(shape)  # filled consistently by _make_context_consistent
+    return torch.randn(shape, generator=gen)
+
+
+def _make_context_consistent(out: dict[str, torch.Tensor], gen: torch.Generator) -> None:
+    """One prompt length for every row: tokens / context rows before it, padding after."""
+    if "input_ids" in out:
+        ids = out["input_ids"]
+        seq = ids.shape[-1]
+        n = int(torch.randint(1, seq + 1, (1,), generator=gen))
+        tokens = torch.randint(2, 100, ids.shape, generator=gen)
+        tokens[:, n - 1] = 1  # EOS
+        tokens[:, n:] = 0
+        out["input_ids"] = tokens.to(ids.dtype)
+        out["attention_mask"] = (torch.arange(seq) < n).expand(ids.shape).to(out["attention_mask"].dtype)
+    if "context" in out:
+        context = out["context"]
+        seq = context.shape[1]
+        n = int(torch.randint(1, seq + 1, (1,), generator=gen))
+        valid = torch.arange(seq) < n
+        values = torch.randn(context.shape, generator=gen)
+        out["context"] = torch.where(valid[None, :, None], values, torch.zeros(())).to(context.dtype)
+        out["context_mask"] = valid.expand(context.shape[:2]).clone()
+        out["context_len"] = torch.full(context.shape[:1], float(min(n + 1, seq)))
 
 
 @dataclass(frozen=True)
@@ -292,6 +340,16 @@ class StageTable:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(self.stages)
+
+
+def stage_table_for(config, resolution: ResolutionRange | None = None) -> StageTable:
+    """The stage table of a model config; frame sizes default to its preset's range (if it is one)."""
+    from ..models.presets import preset_for_config
+
+    if resolution is None:
+        preset = preset_for_config(config)
+        resolution = ResolutionRange(*preset.resolution) if preset else ResolutionRange()
+    return build_stage_table(ModelDims.from_config(config), resolution)
 
 
 def build_stage_table(model: ModelDims, resolution: ResolutionRange = ResolutionRange()) -> StageTable:

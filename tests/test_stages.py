@@ -8,7 +8,7 @@ import torch
 from kvt.models import FULL, TINY
 from kvt.runtime.stages import (
     FPS_FRAMES, ModelDims, ResolutionRange, StageInputError, build_stage_table, check_plan_consistency,
-    parse_symbol, request_plan, video_decode_chunks,
+    parse_symbol, request_plan, stage_table_for, video_decode_chunks,
 )
 
 STAGES = ("text_encoder", "unet_t2v_image", "unet_t2v_video", "unet_interp", "movq_encoder",
@@ -101,11 +101,19 @@ def test_plan_matches_the_spec_call_counts():
     assert "unet_t2v_image" not in with_image and "movq_decoder" not in with_image
 
 
-@pytest.mark.parametrize("width,height,fps", list(itertools.product((64, 256, 640, 1024), (64, 384, 1024), FPS_FRAMES)))
-def test_every_supported_request_fits_the_table(width, height, fps):
-    table = build_stage_table(ModelDims.from_config(FULL.config))
-    for with_image in (False, True):
-        check_plan_consistency(table, request_plan(width, height, fps, with_image))
+@pytest.mark.parametrize("preset", [FULL, TINY], ids=lambda p: p.name)
+def test_every_supported_request_fits_the_table(preset):
+    table = stage_table_for(preset.config)
+    r = table.resolution
+    sizes = sorted({r.min, r.opt, r.max, r.min + 64 if r.min + 64 <= r.max else r.min})
+    for width, height, fps in itertools.product(sizes, sizes, FPS_FRAMES):
+        for with_image in (False, True):
+            check_plan_consistency(table, request_plan(width, height, fps, with_image))
+
+
+def test_preset_resolution_ranges():
+    assert (stage_table_for(FULL.config).resolution.min, stage_table_for(FULL.config).resolution.max) == (256, 1024)
+    assert stage_table_for(TINY.config).resolution.max == 256
 
 
 def test_resolution_range_rejects_non_multiples():

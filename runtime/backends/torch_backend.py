@@ -8,7 +8,7 @@ import torch
 
 from ...models.checkpoints import KandinskyVideoModels
 from ..stage_modules import build_stage_modules
-from ..stages import ModelDims, StageTable, build_stage_table
+from ..stages import StageTable, stage_table_for
 from .base import StageBackend
 
 
@@ -17,7 +17,7 @@ class TorchBackend(StageBackend):
 
     def __init__(self, models: KandinskyVideoModels, table: StageTable | None = None,
                  validate: bool = True) -> None:
-        table = table or build_stage_table(ModelDims.from_config(models.config))
+        table = table or stage_table_for(models.config)
         device = next(models.unet_t2v.parameters()).device
         super().__init__(table, device, validate)
         self.models = models
