@@ -28,7 +28,6 @@ import pickle
 import re
 import shutil
 import uuid
-import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ import torch
 from torch import nn
 
 from .configs import ConfigError, KandinskyVideoConfig
-from .init import random_null_embedding, randomize_
+from .random_weights import random_null_embeddings, randomize_network_
 from .presets import TEXT_ENCODER_FOLDER, Preset
 from .text_encoder import PROJECTION_HEADS, TINY_TOKENIZER_DIR, PromptTokenizer, TextEncoder
 
@@ -52,12 +51,6 @@ VIDEO_MOVQ_FILE = "video_movq.pt"
 PROJECTIONS_FILE = "t5_projections.pt"
 REQUIRED_FILES = (CONFIGS_FILE, T2V_FILE, INTERPOLATION_FILE, IMAGE_MOVQ_FILE, VIDEO_MOVQ_FILE,
                   PROJECTIONS_FILE)
-
-# Per-network seed offsets for random weights (same spirit as the reference data's per-network seeds).
-_SEED_OFFSETS = {"t2v": 1, "interpolation": 2, "image_movq": 3, "video_movq": 4, "t5": 5,
-                 "projections": 6}
-_NULL_SEED_OFFSET = 50
-_OUTPUT_SCALES = {"unet": {"out_layer.2": 0.1}, "movq": {"decoder.conv_out": 0.5}}
 
 _SHOW_KEYS = 5
 
@@ -76,11 +69,18 @@ def _listing(keys: list[str]) -> str:
     return shown + more
 
 
-def check_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], where: str) -> None:
-    """Raise :class:`CheckpointError` unless ``state_dict`` has exactly ``module``'s keys and shapes."""
+def check_state_dict(module: nn.Module, state_dict: Mapping[str, Any], where: str,
+                     shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
+    """Raise :class:`CheckpointError` unless ``state_dict`` has exactly ``module``'s keys and shapes.
+
+    ``shapes`` (name -> shape) avoids touching tensor data for lazily read weights.
+    """
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-    not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
+    if shapes is None:
+        not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
+        found = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    else:
+        not_tensors, found = [], {k: tuple(v) for k, v in shapes.items()}
     missing = sorted(expected.keys() - found.keys())
     unexpected = sorted(found.keys() - expected.keys())
     mismatched = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
@@ -158,11 +158,11 @@ _ADD_CONV_KEY = re.compile(r"^decoder\..*norm[^.]*\.conv\.(weight|bias)$")
 
 VariantRule = Callable[[set[str]], bool]
 VARIANT_RULES: dict[str, dict[str, VariantRule]] = {
-    "t2v": {
+    "unet_t2v": {
         "noise_augmentation": lambda keys: "temporal_noise_aug_time_encoding.1.weight" in keys,
         "motion_score": lambda keys: "temporal_motion_score_encoding.1.weight" in keys,
     },
-    "interpolation": {
+    "unet_interpolation": {
         "add_new_temporal_params": lambda keys: any(k.startswith("temporal_conv_in.") for k in keys),
     },
     "image_movq": {
@@ -225,36 +225,130 @@ class KandinskyVideoModels:
 
 @dataclass(frozen=True)
 class Precision:
-    """Weight dtypes per network family (official: U-Nets fp16 on GPU, T5 and MoVQs fp32)."""
+    """Weight dtypes per network family (official: U-Nets fp16 on GPU, T5 and MoVQs fp32).
 
-    unet: torch.dtype = torch.float32
-    text_encoder: torch.dtype = torch.float32
-    movq: torch.dtype = torch.float32
+    None keeps the dtype the weights are stored in.
+    """
+
+    unet: torch.dtype | None = torch.float32
+    text_encoder: torch.dtype | None = torch.float32
+    movq: torch.dtype | None = torch.float32
 
 
-def _network_classes() -> dict[str, type]:
+@dataclass(frozen=True)
+class NetworkFile:
+    """Where a network lives in the official layout and which configs.json entry describes it."""
+
+    network: str  # name in KandinskyVideoModels.networks()
+    config_field: str  # entry of configs.json / field of KandinskyVideoConfig
+    file: str
+    unet_layout: bool  # {"unet": state_dict, "null_embedding": ...} rather than a flat state dict
+
+
+NETWORK_FILES = (
+    NetworkFile("unet_t2v", "t2v", T2V_FILE, True),
+    NetworkFile("unet_interpolation", "interpolation", INTERPOLATION_FILE, True),
+    NetworkFile("image_movq", "image_movq", IMAGE_MOVQ_FILE, False),
+    NetworkFile("video_movq", "video_movq", VIDEO_MOVQ_FILE, False),
+)
+
+
+def build_network(network: str, config: KandinskyVideoConfig, t5_config: Any = None,
+                  device: torch.device | str = "meta") -> nn.Module:
+    """The architecture of ``network`` (weights uninitialised; on the meta device by default)."""
     from .movq import MoVQ
     from .unet_interpolation import UNetInterpolation
     from .unet_t2v import UNetT2V
 
-    return {"t2v": UNetT2V, "interpolation": UNetInterpolation, "image_movq": MoVQ,
-            "video_movq": MoVQ}
+    with torch.device(device):
+        if network == "unet_t2v":
+            return UNetT2V(config.t2v)
+        if network == "unet_interpolation":
+            return UNetInterpolation(config.interpolation)
+        if network in ("image_movq", "video_movq"):
+            return MoVQ(getattr(config, network))
+        if network == "text_encoder":
+            from transformers import T5EncoderModel
+
+            if t5_config is None:
+                raise ValueError("building the text encoder needs its T5 config")
+            return TextEncoder(T5EncoderModel(t5_config), config.text_encoder.context_dim)
+    raise ValueError(f"unknown network {network!r}")
 
 
-def _finish(module: nn.Module, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+def _finish(module: nn.Module, device: torch.device | str, dtype: torch.dtype | None) -> nn.Module:
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def _load_network(network: str, config: Any, state_dict: Mapping[str, torch.Tensor], path: Path,
-                  device: torch.device | str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-    config = apply_key_variants(network, config, set(state_dict), str(path))
-    cls = _network_classes()[network]
-    with torch.device("meta"):
-        module = cls(config)
-    check_state_dict(module, state_dict, str(path))
-    module.load_state_dict(state_dict, strict=True, assign=True)
-    _no_meta_left(module, str(path))
-    return _finish(module, device, dtype), config
+class _TextEncoderWeights(Mapping[str, torch.Tensor]):
+    """TextEncoder state-dict names over a T5 folder and t5_projections.pt, read lazily.
+
+    ``t5.encoder.embed_tokens.weight`` is the same tensor as ``t5.shared.weight`` (tied); both names
+    return one tensor object so loading keeps the tie.
+    """
+
+    _ALIAS = ("encoder.embed_tokens.weight", "shared.weight")
+
+    def __init__(self, t5: Mapping[str, torch.Tensor], projections: Mapping[str, Mapping[str, torch.Tensor]],
+                 t5_keys: list[str]) -> None:
+        self._t5 = t5
+        self._projections = projections
+        self._keys = [f"t5.{k}" for k in t5_keys] + [
+            f"{head}.{k}" for head in PROJECTION_HEADS for k in projections[head]]
+        self._shared: torch.Tensor | None = None
+
+    def _t5_name(self, name: str) -> str:
+        if name == self._ALIAS[0] and name not in self._t5:
+            return self._ALIAS[1]
+        return name
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key.startswith("t5."):
+            name = self._t5_name(key[3:])
+            if name == self._ALIAS[1]:
+                if self._shared is None:
+                    self._shared = self._t5[name]
+                return self._shared
+            return self._t5[name]
+        head, _, rest = key.partition(".")
+        return self._projections[head][rest]
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+@dataclass
+class OpenCheckpoint:
+    """A checkpoint directory, checked strictly against the architecture, with nothing loaded yet.
+
+    ``weights[network]`` maps exactly the network's state-dict names to tensors that are read on access
+    (memory-mapped ``.pt`` files, safetensors headers): the loader assigns them into modules built on
+    the meta device, the exporter streams them into ONNX external data.
+    """
+
+    directory: Path
+    config: KandinskyVideoConfig  # architecture variants decided by the key sets
+    t5_config: Any
+    t5_dir: Path
+    weights: dict[str, Mapping[str, torch.Tensor]]
+    t2v_null_embedding: torch.Tensor
+    interpolation_null_embedding: torch.Tensor
+
+    def build(self, network: str, device: torch.device | str = "meta") -> nn.Module:
+        return build_network(network, self.config, self.t5_config, device)
+
+    def files(self) -> list[Path]:
+        """Every file the weights come from (for hashing)."""
+        from .hf_folder import HFWeights
+
+        files = [self.directory / name for name in REQUIRED_FILES]
+        t5 = self.weights["text_encoder"]._t5  # type: ignore[attr-defined]
+        if isinstance(t5, HFWeights):
+            files += t5.files()
+        return files + [self.t5_dir / "config.json"]
 
 
 def resolve_text_encoder_dir(checkpoint_dir: Path, config: KandinskyVideoConfig,
@@ -267,14 +361,13 @@ def resolve_text_encoder_dir(checkpoint_dir: Path, config: KandinskyVideoConfig,
             raise CheckpointError(f"text encoder folder {path} does not exist (from --text-encoder)")
         return path
     declared = Path(config.text_encoder.weights_path)
-    for candidate in ([declared] if declared.is_absolute() else [checkpoint_dir / declared]):
-        if candidate.is_dir():
-            return candidate
+    candidate = declared if declared.is_absolute() else checkpoint_dir / declared
+    if candidate.is_dir():
+        return candidate
     raise CheckpointError(
         f"{checkpoint_dir / CONFIGS_FILE}: text_encoder.weights_path={str(declared)!r} is not a folder "
-        f"(looked for {checkpoint_dir / declared if not declared.is_absolute() else declared}); "
-        "models are never downloaded: pass --text-encoder DIR (a Flan-UL2 folder in transformers "
-        "format with spiece.model)"
+        f"(looked for {candidate}); models are never downloaded: pass --text-encoder DIR (a Flan-UL2 "
+        "folder in transformers format with spiece.model)"
     )
 
 
@@ -305,39 +398,69 @@ def check_checkpoint_dir(checkpoint_dir: str | Path,
     return config, t5_dir
 
 
-def load_text_encoder(t5_dir: Path, projections_path: Path, context_dim: int,
-                      device: torch.device | str, dtype: torch.dtype) -> TextEncoder:
-    from transformers import T5Config, T5EncoderModel
-    from transformers.utils import logging as hf_logging
+def _open_text_encoder(t5_dir: Path, projections_path: Path,
+                       config: KandinskyVideoConfig) -> tuple[Any, Mapping[str, torch.Tensor]]:
+    """T5 config and the lazy TextEncoder weights, checked against the architecture."""
+    from transformers import T5Config
+
+    from .hf_folder import HFFolderError, HFWeights
 
     try:
         t5_config = T5Config.from_pretrained(str(t5_dir))
     except Exception as exc:  # transformers raises several types for a bad config.json
         raise CheckpointError(f"{t5_dir / 'config.json'}: not a T5 config ({exc})") from None
-    hf_logging.disable_progress_bar()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            t5, info = T5EncoderModel.from_pretrained(
-                str(t5_dir), dtype=torch.float32, output_loading_info=True)
-        except Exception as exc:
-            raise CheckpointError(f"{t5_dir}: could not load the T5 encoder ({exc})") from None
-    problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
-    if problems or info.get("error_msgs"):
-        raise CheckpointError(f"{t5_dir}: T5 encoder weights do not match its config.json: {problems}")
-
+    try:
+        t5 = HFWeights(t5_dir)
+        t5_shapes = t5.shapes()
+    except (HFFolderError, OSError) as exc:
+        raise CheckpointError(f"{t5_dir}: {exc}") from None
     projections = read_torch_file(projections_path)
     if not isinstance(projections, Mapping) or set(PROJECTION_HEADS) - set(projections):
         found = sorted(projections) if isinstance(projections, Mapping) else type(projections).__name__
         raise CheckpointError(
             f"{projections_path}: expected a dict with {list(PROJECTION_HEADS)}, found {found}")
-    encoder = TextEncoder(t5, context_dim)
+
+    encoder = build_network("text_encoder", config, t5_config)
     if encoder.projection_base[0].in_features != t5_config.d_model:
         raise CheckpointError(f"{t5_dir}: d_model={t5_config.d_model} does not fit the projections")
     for head in PROJECTION_HEADS:
         check_state_dict(getattr(encoder, head), projections[head], f"{projections_path}:{head}")
-        getattr(encoder, head).load_state_dict(projections[head], strict=True)
-    return _finish(encoder, device, dtype)
+    # The folder may hold a whole T5 (decoder, LM head): only the encoder's tensors are read.
+    encoder_keys = [k for k in t5_shapes if k == "shared.weight" or k.startswith("encoder.")]
+    shapes = {k: t5_shapes[k] for k in encoder_keys}
+    if "encoder.embed_tokens.weight" not in shapes and "shared.weight" in shapes:
+        shapes["encoder.embed_tokens.weight"] = shapes["shared.weight"]
+    check_state_dict(encoder.t5, {}, str(t5_dir), shapes=shapes)
+    return t5_config, _TextEncoderWeights(t5, projections, sorted(shapes))
+
+
+def open_checkpoint_dir(checkpoint_dir: str | Path,
+                        text_encoder_dir: str | Path | None = None) -> OpenCheckpoint:
+    """Check a checkpoint directory strictly without loading weights (see :class:`OpenCheckpoint`)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    config, t5_dir = check_checkpoint_dir(checkpoint_dir, text_encoder_dir)
+    context_dim = config.text_encoder.context_dim
+    weights: dict[str, Mapping[str, torch.Tensor]] = {}
+    nulls: dict[str, torch.Tensor] = {}
+    for entry in NETWORK_FILES:
+        path = checkpoint_dir / entry.file
+        data = read_torch_file(path)
+        if entry.unet_layout:
+            state_dict, null = _split_unet_file(data, path)
+            nulls[entry.network] = _check_null_embedding(null, context_dim, path)
+        elif isinstance(data, Mapping):
+            state_dict = data
+        else:
+            raise CheckpointError(f"{path}: expected a flat state dict, found {type(data).__name__}")
+        net_config = apply_key_variants(entry.network, getattr(config, entry.config_field), set(state_dict),
+                                        str(path))
+        config = config.replace(**{entry.config_field: net_config})
+        check_state_dict(build_network(entry.network, config), state_dict, str(path))
+        weights[entry.network] = state_dict
+    t5_config, weights["text_encoder"] = _open_text_encoder(
+        t5_dir, checkpoint_dir / PROJECTIONS_FILE, config)
+    return OpenCheckpoint(checkpoint_dir, config, t5_config, t5_dir, weights,
+                          nulls["unet_t2v"], nulls["unet_interpolation"])
 
 
 def load_checkpoint_dir(
@@ -347,55 +470,32 @@ def load_checkpoint_dir(
     precision: Precision = Precision(),
 ) -> KandinskyVideoModels:
     """Load every network of a checkpoint directory in the official layout (strict)."""
-    checkpoint_dir = Path(checkpoint_dir)
-    config, t5_dir = check_checkpoint_dir(checkpoint_dir, text_encoder_dir)
-    context_dim = config.text_encoder.context_dim
-
-    t2v_sd, t2v_null = _split_unet_file(read_torch_file(checkpoint_dir / T2V_FILE),
-                                        checkpoint_dir / T2V_FILE)
-    unet_t2v, t2v_cfg = _load_network("t2v", config.t2v, t2v_sd, checkpoint_dir / T2V_FILE,
-                                      device, precision.unet)
-    del t2v_sd
-    interp_sd, interp_null = _split_unet_file(read_torch_file(checkpoint_dir / INTERPOLATION_FILE),
-                                              checkpoint_dir / INTERPOLATION_FILE)
-    unet_interp, interp_cfg = _load_network("interpolation", config.interpolation, interp_sd,
-                                            checkpoint_dir / INTERPOLATION_FILE, device, precision.unet)
-    del interp_sd
-    image_movq, image_cfg = _load_network(
-        "image_movq", config.image_movq, _flat_state_dict(checkpoint_dir / IMAGE_MOVQ_FILE),
-        checkpoint_dir / IMAGE_MOVQ_FILE, device, precision.movq)
-    video_movq, video_cfg = _load_network(
-        "video_movq", config.video_movq, _flat_state_dict(checkpoint_dir / VIDEO_MOVQ_FILE),
-        checkpoint_dir / VIDEO_MOVQ_FILE, device, precision.movq)
-    text_encoder = load_text_encoder(t5_dir, checkpoint_dir / PROJECTIONS_FILE, context_dim, device,
-                                     precision.text_encoder)
+    ckpt = open_checkpoint_dir(checkpoint_dir, text_encoder_dir)
+    dtypes = {"unet_t2v": precision.unet, "unet_interpolation": precision.unet,
+              "image_movq": precision.movq, "video_movq": precision.movq,
+              "text_encoder": precision.text_encoder}
+    networks: dict[str, nn.Module] = {}
+    for network, dtype in dtypes.items():
+        module = ckpt.build(network)
+        module.load_state_dict(dict(ckpt.weights[network].items()), strict=True, assign=True)
+        _no_meta_left(module, f"{ckpt.directory}:{network}")
+        networks[network] = _finish(module, device, dtype)
     try:
-        tokenizer = PromptTokenizer(t5_dir, config.text_encoder.tokens_length)
+        tokenizer = PromptTokenizer(ckpt.t5_dir, ckpt.config.text_encoder.tokens_length)
     except (FileNotFoundError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{t5_dir}: could not load the T5 tokenizer ({exc})") from None
-
-    config = config.replace(t2v=t2v_cfg, interpolation=interp_cfg, image_movq=image_cfg,
-                            video_movq=video_cfg)
+        raise CheckpointError(f"{ckpt.t5_dir}: could not load the T5 tokenizer ({exc})") from None
     return KandinskyVideoModels(
-        config=config,
-        unet_t2v=unet_t2v,
-        unet_interpolation=unet_interp,
-        image_movq=image_movq,
-        video_movq=video_movq,
-        text_encoder=text_encoder,
+        config=ckpt.config,
+        unet_t2v=networks["unet_t2v"],
+        unet_interpolation=networks["unet_interpolation"],
+        image_movq=networks["image_movq"],
+        video_movq=networks["video_movq"],
+        text_encoder=networks["text_encoder"],
         tokenizer=tokenizer,
-        t2v_null_embedding=_check_null_embedding(t2v_null, context_dim, checkpoint_dir / T2V_FILE),
-        interpolation_null_embedding=_check_null_embedding(
-            interp_null, context_dim, checkpoint_dir / INTERPOLATION_FILE),
-        source=str(checkpoint_dir),
+        t2v_null_embedding=ckpt.t2v_null_embedding,
+        interpolation_null_embedding=ckpt.interpolation_null_embedding,
+        source=str(ckpt.directory),
     )
-
-
-def _flat_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    data = read_torch_file(path)
-    if not isinstance(data, Mapping):
-        raise CheckpointError(f"{path}: expected a flat state dict, found {type(data).__name__}")
-    return dict(data)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,34 +514,26 @@ def random_models(
     The tokenizer comes from ``tokenizer_dir`` or the tiny SentencePiece model shipped with the
     package (its ids fit any preset's vocabulary; use a real Flan-UL2 folder for real prompts).
     """
-    from transformers import T5Config, T5EncoderModel
+    from transformers import T5Config
 
     config = preset.config
-    classes = _network_classes()
+    t5_config = T5Config(**preset.t5)
 
-    def build(network: str, cfg: Any, dtype: torch.dtype, scales: dict[str, float]) -> nn.Module:
-        module = classes[network](cfg)
-        randomize_(module, seed + _SEED_OFFSETS[network], scales)
-        return _finish(module, device, dtype)
+    def build(network: str, dtype: torch.dtype | None) -> nn.Module:
+        module = build_network(network, config, t5_config, device="cpu")
+        return _finish(randomize_network_(network, module, seed), device, dtype)
 
-    t5 = T5EncoderModel(T5Config(**preset.t5))
-    text_encoder = TextEncoder(t5, config.text_encoder.context_dim)
-    randomize_(text_encoder.t5, seed + _SEED_OFFSETS["t5"])
-    randomize_(text_encoder.projection_base, seed + _SEED_OFFSETS["projections"])
-    randomize_(text_encoder.projection_interpolation, seed + _SEED_OFFSETS["projections"] + 100)
-    context_dim = config.text_encoder.context_dim
+    t2v_null, interpolation_null = random_null_embeddings(config.text_encoder.context_dim, seed)
     return KandinskyVideoModels(
         config=config,
-        unet_t2v=build("t2v", config.t2v, precision.unet, _OUTPUT_SCALES["unet"]),
-        unet_interpolation=build("interpolation", config.interpolation, precision.unet,
-                                 _OUTPUT_SCALES["unet"]),
-        image_movq=build("image_movq", config.image_movq, precision.movq, _OUTPUT_SCALES["movq"]),
-        video_movq=build("video_movq", config.video_movq, precision.movq, _OUTPUT_SCALES["movq"]),
-        text_encoder=_finish(text_encoder, device, precision.text_encoder),
+        unet_t2v=build("unet_t2v", precision.unet),
+        unet_interpolation=build("unet_interpolation", precision.unet),
+        image_movq=build("image_movq", precision.movq),
+        video_movq=build("video_movq", precision.movq),
+        text_encoder=build("text_encoder", precision.text_encoder),
         tokenizer=PromptTokenizer(tokenizer_dir or TINY_TOKENIZER_DIR, config.text_encoder.tokens_length),
-        t2v_null_embedding=random_null_embedding(context_dim, seed + _SEED_OFFSETS["t2v"] + _NULL_SEED_OFFSET),
-        interpolation_null_embedding=random_null_embedding(
-            context_dim, seed + _SEED_OFFSETS["interpolation"] + _NULL_SEED_OFFSET),
+        t2v_null_embedding=t2v_null,
+        interpolation_null_embedding=interpolation_null,
         source=f"preset {preset.name!r}, random weights, seed {seed}",
     )
 

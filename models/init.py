@@ -92,17 +92,6 @@ def output_scale(name: str, scale_output: dict[str, float] | None) -> float:
     return 1.0
 
 
-@torch.no_grad()
-def randomize_(module: nn.Module, seed: int, scale_output: dict[str, float] | None = None) -> nn.Module:
-    """Overwrite every parameter of ``module`` in place, deterministically from ``seed``."""
-    params = dict(module.named_parameters())
-    for name, (owner, local) in parameter_owners(module).items():
-        param = params[name]
-        value = random_parameter(owner, local, param.shape, seed, name, output_scale(name, scale_output))
-        param.copy_(value.to(param.dtype))
-    return module
-
-
 def random_null_embedding(context_dim: int, seed: int) -> torch.Tensor:
     """The ``null_embedding`` stored beside each U-Net state dict: N(0, 1) of shape [context_dim]."""
     return torch.randn(context_dim, generator=torch.Generator().manual_seed(seed))

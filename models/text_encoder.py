@@ -65,8 +65,7 @@ class TextEncoder(nn.Module):
     ) -> torch.Tensor:
         """Context [B, S, D] in fp32; rows where ``attention_mask`` is 0 are exactly zero."""
         context = self.project(self.hidden_states(input_ids, attention_mask), head)
-        keep = (attention_mask != 0).unsqueeze(-1)
-        return torch.where(keep, context, torch.zeros((), dtype=context.dtype, device=context.device))
+        return context.masked_fill((attention_mask == 0).unsqueeze(-1), 0.0)
 
 
 def text_context_length(attention_mask: torch.Tensor) -> torch.Tensor:

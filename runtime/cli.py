@@ -1,6 +1,7 @@
 """The ``kvt`` command line. Subcommands mirror the workflow:
 
     kvt generate "PROMPT" --out video.mp4     generate (embedded tiny preset unless --weights DIR)
+    kvt generate "PROMPT" --out v.mp4 --backend onnxruntime --onnx DIR   the same from an ONNX export
     kvt make-weights --preset tiny --out DIR  write a checkpoint directory with seeded random weights
     kvt stages [--preset full] [--json]       print the stage contract table
 
@@ -74,7 +75,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", help="checkpoint directory in the official layout (t2v.pt, ...)")
     p.add_argument("--text-encoder", help="Flan-UL2 folder (default: configs.json text_encoder.weights_path)")
     p.add_argument("--preset", default="tiny", help="preset for random weights when --weights is not given")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"),
+                   help="torch (checkpoints or a preset) or onnxruntime (an export directory, --onnx)")
+    p.add_argument("--onnx", metavar="DIR", help="export directory of `kvt export` (with --backend onnxruntime)")
+    p.add_argument("--providers", metavar="LIST",
+                   help="comma-separated ONNX Runtime providers, e.g. CUDAExecutionProvider,CPUExecutionProvider "
+                        "(default: CUDA then CPU where onnxruntime-gpu is installed, else CPU)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cpu; onnxruntime: where its provider runs)")
     p.add_argument("--dtype", choices=_DTYPES, help="U-Net weight dtype (default: float16 on CUDA, float32 on CPU)")
     p.add_argument("--text-encoder-dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--key-frame-guidance-scale", type=float, default=5.0)
@@ -90,6 +97,23 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_generate)
 
 
+def _check_backend_options(args: argparse.Namespace) -> None:
+    """Options of one backend given to the other are errors, not silently ignored."""
+    if args.backend == "onnxruntime":
+        if not args.onnx:
+            raise UsageError("--backend onnxruntime needs --onnx DIR (an export directory written by "
+                             "`kvt export`)")
+        for flag, value in (("--weights", args.weights), ("--text-encoder", args.text_encoder),
+                            ("--dtype", args.dtype)):
+            if value:
+                raise UsageError(f"{flag} applies to --backend torch; an ONNX export's networks and "
+                                 "precision are fixed when it is exported")
+    else:
+        for flag, value in (("--onnx", args.onnx), ("--providers", args.providers)):
+            if value:
+                raise UsageError(f"{flag} needs --backend onnxruntime")
+
+
 def _generate(args: argparse.Namespace) -> int:
     from ..models.checkpoints import check_checkpoint_dir
     from .images import load_image
@@ -99,15 +123,32 @@ def _generate(args: argparse.Namespace) -> int:
     from .video_io import check_output_path
 
     # Everything a user can get wrong is checked before any model is loaded.
-    _check_device(args.device)
+    onnx = args.backend == "onnxruntime"
+    _check_backend_options(args)
+    if args.device is not None:
+        _check_device(args.device)
     out = check_output_path(args.out)
     if args.playback_fps is not None and not args.playback_fps > 0:
         raise UsageError(f"--playback-fps {args.playback_fps}: must be a positive number")
-    if args.weights:
+    if onnx:
+        from ..export.manifest import ExportManifest
+        from .backends.onnxruntime_backend import ProviderError, resolve_providers
+
+        manifest = ExportManifest.read(args.onnx)
+        manifest.verify_files(args.onnx, list(manifest.stage_table().names))  # sizes: cheap
+        try:
+            resolve_providers(args.providers, args.device)
+        except (ProviderError, ImportError) as exc:
+            raise UsageError(f"--providers: {exc}") from None
+        resolution = manifest.stage_table().resolution
+        default_size = (resolution.opt, resolution.opt)
+    elif args.weights:
         config, _ = check_checkpoint_dir(args.weights, args.text_encoder)
     else:
         config = _preset(args.preset).config
-    default_size = _default_size_for(config)
+    if not onnx:
+        default_size = _default_size_for(config)
+        resolution = stage_table_for(config).resolution
     image = load_image(args.image) if args.image else None
     request = GenerationRequest(
         prompt=args.prompt, image=image, width=args.width or default_size[0],
@@ -120,16 +161,21 @@ def _generate(args: argparse.Namespace) -> int:
         key_frame_steps=args.key_frame_steps, base_frame_steps=args.base_frame_steps,
         interpolation_steps=args.interpolation_steps,
     )
-    validate_request(request, stage_table_for(config).resolution)
+    validate_request(request, resolution)
 
     start = time.perf_counter()
-    if args.weights:
+    device = args.device or "cpu"
+    if onnx:
+        pipeline = KandinskyVideoPipeline.from_onnx(args.onnx, providers=args.providers, device=args.device)
+        providers = sorted({p[0] for p in pipeline.backend.providers.values()})
+        source = f"ONNX export {args.onnx} on onnxruntime ({', '.join(providers)})"
+    elif args.weights:
         pipeline = KandinskyVideoPipeline.from_checkpoint_dir(
-            args.weights, args.text_encoder, device=args.device, dtype=_dtype(args.dtype),
+            args.weights, args.text_encoder, device=device, dtype=_dtype(args.dtype),
             text_encoder_dtype=_dtype(args.text_encoder_dtype))
         source = f"weights {args.weights}"
     else:
-        pipeline = KandinskyVideoPipeline.from_preset(args.preset, seed=0, device=args.device,
+        pipeline = KandinskyVideoPipeline.from_preset(args.preset, seed=0, device=device,
                                                       dtype=_dtype(args.dtype))
         source = f"the embedded {args.preset!r} preset with seeded random weights (the video is noise)"
         _err(f"no --weights given: running {source}")
@@ -219,12 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_make_weights(sub)
     _add_stages(sub)
+    from ..export.cli import add_export_parser
+
+    add_export_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ..export.manifest import ExportManifestError
     from ..models.checkpoints import CheckpointError
     from ..models.configs import ConfigError
+    from .backends.onnxruntime_backend import ProviderError
     from .images import ImageInputError
     from .pipeline import GenerationCancelled
     from .request import InvalidRequestError
@@ -236,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (InvalidRequestError, CheckpointError, ConfigError, ImageInputError, OutputPathError,
-            UsageError) as exc:
+            ExportManifestError, ProviderError, UsageError) as exc:
         _err(f"error: {exc}")
         return EXIT_INVALID
     except (GenerationCancelled, KeyboardInterrupt):

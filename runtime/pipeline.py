@@ -201,6 +201,47 @@ class KandinskyVideoPipeline:
                                precision=Precision(unet=dtype or _default_unet_dtype(device)))
         return cls.from_models(models, default_size=(preset.default_width, preset.default_height))
 
+    @classmethod
+    def from_onnx(cls, export_dir: str | Path, providers: list[str] | str | None = None,
+                  device: str | torch.device | None = None, *,
+                  session_options=None) -> "KandinskyVideoPipeline":
+        """An ONNX Runtime pipeline over an export directory (``kvt export``; see kvt.export.manifest).
+
+        The tokenizer and null embeddings come from the directory, so no checkpoint is needed; every
+        stage the pipeline can call must be exported. The default frame size is the manifest's
+        resolution opt (what engines are tuned for). Assets are checked before sessions are built.
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from ..export.manifest import ExportManifest, ExportManifestError
+        from .backends.onnxruntime_backend import OnnxRuntimeBackend
+
+        export_dir = Path(export_dir)
+        manifest = ExportManifest.read(export_dir)
+        table = manifest.stage_table()
+        tokens_length = manifest.model["tokens_length"]
+        tokenizer_dir = export_dir / manifest.assets["tokenizer"]
+        try:
+            tokenizer = PromptTokenizer(tokenizer_dir, tokens_length)
+        except (OSError, ValueError) as exc:
+            raise ExportManifestError(f"{tokenizer_dir}: could not load the tokenizer ({exc})") from None
+        null_path = export_dir / manifest.assets["null_embeddings"]
+        try:
+            nulls = load_file(str(null_path))
+        except (OSError, SafetensorError) as exc:
+            raise ExportManifestError(f"{null_path}: could not read the null embeddings ({exc})") from None
+        for key in ("t2v", "interpolation"):
+            value = nulls.get(key)
+            if value is None or tuple(value.shape) != (table.model.context_dim,):
+                found = "missing" if value is None else f"shape {list(value.shape)}"
+                raise ExportManifestError(f"{null_path}: null embedding {key!r} is {found}, expected "
+                                          f"float32 [{table.model.context_dim}]")
+        backend = OnnxRuntimeBackend(export_dir, providers=providers, device=device,
+                                     stages=list(table.names), session_options=session_options)
+        opt = table.resolution.opt
+        return cls(backend, tokenizer, nulls["t2v"], nulls["interpolation"], (opt, opt))
+
     # ------------------------------------------------------------------ the request
 
     def __call__(

@@ -77,18 +77,27 @@ class MoVQDecoderStage(_StageModule):
         return self._out(self.network.decode(self._in(latent)))
 
 
+# stage -> module class; the stage table's `network` field says which network each one wraps.
+STAGE_MODULES: dict[str, type[_StageModule]] = {
+    "text_encoder": TextEncoderStage,
+    "unet_t2v_image": UNetT2VImageStage,
+    "unet_t2v_video": UNetT2VVideoStage,
+    "unet_interp": UNetInterpolationStage,
+    "movq_encoder": MoVQEncoderStage,
+    "movq_decoder": MoVQDecoderStage,
+    "video_movq_decoder": MoVQDecoderStage,
+}
+
+
+def stage_module(stage: str, network: nn.Module) -> nn.Module:
+    """The stage module of ``stage`` around ``network`` (shared, not copied)."""
+    try:
+        return STAGE_MODULES[stage](network).eval()
+    except KeyError:
+        raise KeyError(f"no stage module for stage {stage!r}; known: {sorted(STAGE_MODULES)}") from None
+
+
 def build_stage_modules(models: KandinskyVideoModels, table: StageTable) -> dict[str, nn.Module]:
     """One module per stage of ``table``, sharing the networks of ``models`` (no copies)."""
-    modules = {
-        "text_encoder": TextEncoderStage(models.text_encoder),
-        "unet_t2v_image": UNetT2VImageStage(models.unet_t2v),
-        "unet_t2v_video": UNetT2VVideoStage(models.unet_t2v),
-        "unet_interp": UNetInterpolationStage(models.unet_interpolation),
-        "movq_encoder": MoVQEncoderStage(models.image_movq),
-        "movq_decoder": MoVQDecoderStage(models.image_movq),
-        "video_movq_decoder": MoVQDecoderStage(models.video_movq),
-    }
-    missing = set(table.names) - set(modules)
-    if missing:
-        raise KeyError(f"no stage module for stages {sorted(missing)}")
-    return {name: modules[name].eval() for name in table.names}
+    networks = models.networks()
+    return {spec.name: stage_module(spec.name, networks[spec.network]) for spec in table}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -94,6 +94,12 @@ def parse_symbol(entry: str) -> tuple[int, str]:
     return int(match.group(1) or 1), match.group(2)
 
 
+def axis_name(entry: str) -> str:
+    """The name an exported graph gives a dynamic axis: "N" -> "N", "8h" -> "8xh"."""
+    scale, name = parse_symbol(entry)
+    return name if scale == 1 else f"{scale}x{name}"
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -113,8 +119,11 @@ class TensorSpec:
 
     @property
     def dynamic_axes(self) -> dict[int, str]:
-        """Axis index -> symbol name for the axes that are not static (ONNX ``dynamic_axes``)."""
-        return {i: parse_symbol(e)[1] for i, e in enumerate(self.shape) if isinstance(e, str)}
+        """Axis index -> axis name for the axes that are not static (ONNX ``dynamic_axes``).
+
+        A scaled entry keeps its scale in the name ("8h" -> "8xh"): it is a different size from "h".
+        """
+        return {i: axis_name(e) for i, e in enumerate(self.shape) if isinstance(e, str)}
 
 
 class StageInputError(ValueError):

@@ -69,11 +69,22 @@ class Case:
         }
 
 
+BACKENDS = ("torch", "onnxruntime")
+
+
 @pytest.fixture(scope="module")
-def pipeline():
+def torch_pipeline():
     ref = refdata.require_reference()
-    models = load_checkpoint_dir(ref / "checkpoints")
-    return KandinskyVideoPipeline.from_models(models)
+    return KandinskyVideoPipeline.from_models(load_checkpoint_dir(ref / "checkpoints"))
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def pipeline(request):
+    """The same reference checkpoints on the torch backend and, exported by ``kvt export`` (FP32),
+    on the ONNX Runtime backend: both must reproduce the official outputs."""
+    if request.param == "torch":
+        return request.getfixturevalue("torch_pipeline")
+    return KandinskyVideoPipeline.from_onnx(request.getfixturevalue("reference_export_fp32"))
 
 
 def _load_case(path: str) -> Case:
@@ -170,7 +181,7 @@ def test_stage_wise(pipeline, path):
 
     frames = pipeline.decode_video(out["video_latents"])
     report["frames_uint8"] = _assert_frames("frames_uint8", frames, out["frames_uint8"])
-    print(f"\n{case.name} stage-wise: " + ", ".join(f"{k} {v}" for k, v in report.items()))
+    print(f"\n{case.name} [{pipeline.backend.name}] stage-wise: " + ", ".join(f"{k} {v}" for k, v in report.items()))
 
 
 @pytest.mark.parametrize("path", _cases())
@@ -201,6 +212,6 @@ def test_whole_chain(pipeline, path):
         _assert_frames("frames_uint8", result.frames, out["frames_uint8"])
     else:
         diff = np.abs(result.frames.astype(int) - out["frames_uint8"].numpy().astype(int))
-        print(f"\n{case.name}: key frame flipped uint8 values; whole-chain latents differ by "
+        print(f"\n{case.name} [{pipeline.backend.name}]: key frame flipped uint8 values; whole-chain latents differ by "
               f"{(result.latents - out['video_latents']).abs().max().item():.2e}, frames by <= {diff.max()} "
               f"on {(diff > 0).mean():.2%} of values (not asserted; see test_stage_wise)")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import refdata
-from kvt.models.checkpoints import load_text_encoder
+from kvt.models.checkpoints import load_checkpoint_dir
 from kvt.models.text_encoder import TINY_TOKENIZER_DIR, PromptTokenizer, text_context_length, trim_context
 
 TEXT_FILE = "text/text_encoder.safetensors"
@@ -18,8 +18,7 @@ def reference_encoder():
     ref = refdata.require_reference()
     configs = json.loads((ref / "checkpoints" / "configs.json").read_text())
     t5_dir = ref / "checkpoints" / configs["text_encoder"]["weights_path"]
-    encoder = load_text_encoder(t5_dir, ref / "checkpoints" / "t5_projections.pt",
-                                configs["text_encoder"]["context_dim"], "cpu", torch.float32)
+    encoder = load_checkpoint_dir(ref / "checkpoints").text_encoder
     return encoder, t5_dir, configs["text_encoder"]["tokens_length"]
 
 
