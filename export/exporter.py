@@ -23,13 +23,13 @@ import os
 import shutil
 import sys
 import time
-import uuid
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from ..models.atomic_io import replace_dir, temporary_dir_beside
 from ..runtime.stages import stage_table_for
 from .graph_export import OPSET, ExportError
 from .manifest import NULL_EMBEDDINGS_FILE, TOKENIZER_DIR, ExportManifest, ExportManifestError, StageEntry
@@ -223,16 +223,6 @@ def _write_assets(opened, tmp: Path) -> None:
               str(tmp / NULL_EMBEDDINGS_FILE))
 
 
-def _place(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-
-
 def export_onnx(source: ExportSource, out_dir: str | Path, options: ExportOptions = ExportOptions(),
                 report: Callable[[str], None] = log.info) -> ExportManifest:
     """Export ``source`` to ``out_dir``; returns the manifest (of the existing export if reused)."""
@@ -257,8 +247,7 @@ def export_onnx(source: ExportSource, out_dir: str | Path, options: ExportOption
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _check_disk(out_dir, _estimated_bytes(opened, stages, table, options))
 
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = temporary_dir_beside(out_dir)
     try:
         results = _run_jobs(source, stages, table, options, tmp, report)
         draft.stages = {}
@@ -287,7 +276,7 @@ def export_onnx(source: ExportSource, out_dir: str | Path, options: ExportOption
             failed = [s for s, v in draft.parity.items() if not v["passed"] and not v["skipped"]]
             raise ParityError(f"parity thresholds exceeded for {failed}; nothing was written to {out_dir}. "
                               f"The rejected export and its report are in {rejected} (parity.md)")
-        _place(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno == errno.ENOSPC:

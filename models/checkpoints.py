@@ -23,11 +23,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import pickle
 import re
 import shutil
-import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from .atomic_io import replace_dir, temporary_dir_beside
 from .configs import ConfigError, KandinskyVideoConfig
 from .random_weights import random_null_embeddings, randomize_network_
 from .presets import TEXT_ENCODER_FOLDER, Preset
@@ -549,9 +548,7 @@ def write_checkpoint_dir(models: KandinskyVideoModels, out_dir: str | Path, over
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = temporary_dir_beside(out_dir)
 
     def sd(module: nn.Module) -> dict[str, torch.Tensor]:
         out = {}
@@ -579,13 +576,7 @@ def write_checkpoint_dir(models: KandinskyVideoModels, out_dir: str | Path, over
             shutil.copy2(spiece, t5_dir / "spiece.model")
         else:
             models.tokenizer.save(t5_dir)
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
