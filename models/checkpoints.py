@@ -39,6 +39,10 @@ from .configs import ConfigError, KandinskyVideoConfig
 from .random_weights import random_null_embeddings, randomize_network_
 from .presets import TEXT_ENCODER_FOLDER, Preset
 from .text_encoder import PROJECTION_HEADS, TINY_TOKENIZER_DIR, PromptTokenizer, TextEncoder
+from .weight_files import (
+    SAFETENSORS_SUFFIX, WEIGHTS_MANIFEST, WeightFileError, flatten, read_safetensors, safetensors_name,
+    unflatten, verify_weights_manifest, weight_file, write_safetensors, write_weights_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,9 @@ VIDEO_MOVQ_FILE = "video_movq.pt"
 PROJECTIONS_FILE = "t5_projections.pt"
 REQUIRED_FILES = (CONFIGS_FILE, T2V_FILE, INTERPOLATION_FILE, IMAGE_MOVQ_FILE, VIDEO_MOVQ_FILE,
                   PROJECTIONS_FILE)
+# How each weight file nests its tensors (kvt.models.weight_files flattens them for safetensors).
+FILE_LAYOUTS = {T2V_FILE: "unet", INTERPOLATION_FILE: "unet", IMAGE_MOVQ_FILE: "flat",
+                VIDEO_MOVQ_FILE: "flat", PROJECTIONS_FILE: "heads"}
 
 _SHOW_KEYS = 5
 
@@ -127,6 +134,20 @@ def read_torch_file(path: Path) -> Any:
             f"{path}: unreadable or corrupted checkpoint ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})"
         ) from None
+
+
+def read_weight_file(directory: Path, pt_name: str) -> Any:
+    """The content of official weight file ``pt_name`` (``t2v.pt`` ...), read from its safetensors form
+    when the directory has one (``kvt convert-weights``), else from the pickle (weights only)."""
+    path = weight_file(directory, pt_name)
+    if path is None:
+        raise CheckpointError(f"{directory / pt_name}: file not found (nor {safetensors_name(pt_name)})")
+    if path.suffix != SAFETENSORS_SUFFIX:
+        return read_torch_file(path)
+    try:
+        return unflatten(read_safetensors(path), FILE_LAYOUTS[pt_name], PROJECTION_HEADS)
+    except WeightFileError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def _split_unet_file(data: Any, path: Path) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -343,7 +364,8 @@ class OpenCheckpoint:
         """Every file the weights come from (for hashing)."""
         from .hf_folder import HFWeights
 
-        files = [self.directory / name for name in REQUIRED_FILES]
+        files = [self.directory / CONFIGS_FILE] + [weight_file(self.directory, name) or self.directory / name
+                                                   for name in REQUIRED_FILES if name != CONFIGS_FILE]
         t5 = self.weights["text_encoder"]._t5  # type: ignore[attr-defined]
         if isinstance(t5, HFWeights):
             files += t5.files()
@@ -371,8 +393,11 @@ def resolve_text_encoder_dir(checkpoint_dir: Path, config: KandinskyVideoConfig,
 
 
 def missing_files(checkpoint_dir: str | Path) -> list[str]:
+    """Required files present in neither form (``X.pt`` or ``X.safetensors``)."""
     checkpoint_dir = Path(checkpoint_dir)
-    return [name for name in REQUIRED_FILES if not (checkpoint_dir / name).is_file()]
+    return [name for name in REQUIRED_FILES
+            if not (checkpoint_dir / name).is_file()
+            and not (name in FILE_LAYOUTS and (checkpoint_dir / safetensors_name(name)).is_file())]
 
 
 def check_checkpoint_dir(checkpoint_dir: str | Path,
@@ -388,8 +413,9 @@ def check_checkpoint_dir(checkpoint_dir: str | Path,
             f"holds {list(REQUIRED_FILES)} and a Flan-UL2 folder"
         )
     try:
+        verify_weights_manifest(checkpoint_dir)  # directories kvt wrote: sizes of every file
         config = KandinskyVideoConfig.from_json(checkpoint_dir / CONFIGS_FILE)
-    except ConfigError as exc:
+    except (ConfigError, WeightFileError) as exc:
         raise CheckpointError(str(exc)) from None
     t5_dir = resolve_text_encoder_dir(checkpoint_dir, config, text_encoder_dir)
     if not (t5_dir / "config.json").is_file():
@@ -413,7 +439,7 @@ def _open_text_encoder(t5_dir: Path, projections_path: Path,
         t5_shapes = t5.shapes()
     except (HFFolderError, OSError) as exc:
         raise CheckpointError(f"{t5_dir}: {exc}") from None
-    projections = read_torch_file(projections_path)
+    projections = read_weight_file(projections_path.parent, projections_path.name)
     if not isinstance(projections, Mapping) or set(PROJECTION_HEADS) - set(projections):
         found = sorted(projections) if isinstance(projections, Mapping) else type(projections).__name__
         raise CheckpointError(
@@ -442,8 +468,8 @@ def open_checkpoint_dir(checkpoint_dir: str | Path,
     weights: dict[str, Mapping[str, torch.Tensor]] = {}
     nulls: dict[str, torch.Tensor] = {}
     for entry in NETWORK_FILES:
-        path = checkpoint_dir / entry.file
-        data = read_torch_file(path)
+        path = weight_file(checkpoint_dir, entry.file) or checkpoint_dir / entry.file
+        data = read_weight_file(checkpoint_dir, entry.file)
         if entry.unet_layout:
             state_dict, null = _split_unet_file(data, path)
             nulls[entry.network] = _check_null_embedding(null, context_dim, path)
@@ -576,6 +602,7 @@ def write_checkpoint_dir(models: KandinskyVideoModels, out_dir: str | Path, over
             shutil.copy2(spiece, t5_dir / "spiece.model")
         else:
             models.tokenizer.save(t5_dir)
+        write_weights_manifest(tmp)
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

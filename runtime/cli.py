@@ -2,7 +2,10 @@
 
     kvt generate "PROMPT" --out video.mp4     generate (embedded tiny preset unless --weights DIR)
     kvt generate "PROMPT" --out v.mp4 --backend onnxruntime --onnx DIR   the same from an ONNX export
+    kvt generate "PROMPT" --out v.mp4 --backend tensorrt --engines DIR   from TensorRT plans (kvt build)
+    kvt generate "PROMPT" --out v.mp4 --triton HOST:PORT [--protocol grpc]   on a Triton server
     kvt make-weights --preset tiny --out DIR  write a checkpoint directory with seeded random weights
+    kvt convert-weights DIR --out DIR         rewrite official .pt checkpoints as safetensors (same keys)
     kvt stages [--preset full] [--json]       print the stage contract table
 
 Exit codes: 0 done, 2 invalid input (nothing is written), 130 cancelled, 1 any other failure.
@@ -75,9 +78,17 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", help="checkpoint directory in the official layout (t2v.pt, ...)")
     p.add_argument("--text-encoder", help="Flan-UL2 folder (default: configs.json text_encoder.weights_path)")
     p.add_argument("--preset", default="tiny", help="preset for random weights when --weights is not given")
-    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"),
-                   help="torch (checkpoints or a preset) or onnxruntime (an export directory, --onnx)")
+    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"),
+                   help="torch (checkpoints or a preset), onnxruntime (an export directory, --onnx) or "
+                        "tensorrt (an engine directory, --engines)")
     p.add_argument("--onnx", metavar="DIR", help="export directory of `kvt export` (with --backend onnxruntime)")
+    p.add_argument("--engines", metavar="DIR", help="engine directory of `kvt build` (with --backend tensorrt)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="capture the fixed-shape U-Net calls as CUDA graphs (with --backend tensorrt)")
+    p.add_argument("--triton", metavar="HOST:PORT",
+                   help="run the request on a Triton server (model kandinsky_video; `kvt triton-repo`)")
+    p.add_argument("--protocol", choices=("http", "grpc"),
+                   help="with --triton: http (default) or grpc (streams per-step progress)")
     p.add_argument("--providers", metavar="LIST",
                    help="comma-separated ONNX Runtime providers, e.g. CUDAExecutionProvider,CPUExecutionProvider "
                         "(default: CUDA then CPU where onnxruntime-gpu is installed, else CPU)")
@@ -97,40 +108,99 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_generate)
 
 
-def _check_backend_options(args: argparse.Namespace) -> None:
-    """Options of one backend given to the other are errors, not silently ignored."""
-    if args.backend == "onnxruntime":
-        if not args.onnx:
-            raise UsageError("--backend onnxruntime needs --onnx DIR (an export directory written by "
-                             "`kvt export`)")
-        for flag, value in (("--weights", args.weights), ("--text-encoder", args.text_encoder),
-                            ("--dtype", args.dtype)):
-            if value:
-                raise UsageError(f"{flag} applies to --backend torch; an ONNX export's networks and "
-                                 "precision are fixed when it is exported")
-    else:
-        for flag, value in (("--onnx", args.onnx), ("--providers", args.providers)):
-            if value:
-                raise UsageError(f"{flag} needs --backend onnxruntime")
+# Options that belong to one source of networks; given with another they are errors, not ignored.
+_BACKEND_FLAGS = {
+    "torch": ("--weights", "--text-encoder", "--dtype", "--text-encoder-dtype", "--preset"),
+    "onnxruntime": ("--onnx", "--providers"),
+    "tensorrt": ("--engines", "--cuda-graphs"),
+    "triton": ("--triton", "--protocol"),
+}
+_NON_DEFAULT = {"--text-encoder-dtype": "float32", "--preset": "tiny"}
+
+
+def _given(args: argparse.Namespace, flag: str) -> bool:
+    value = getattr(args, flag[2:].replace("-", "_"))
+    return value not in (None, False) and value != _NON_DEFAULT.get(flag)
+
+
+def _check_backend_options(args: argparse.Namespace) -> str:
+    """Which source runs the request (torch, onnxruntime, tensorrt or triton); mixed options fail."""
+    source = "triton" if args.triton else args.backend
+    if args.triton and args.backend != "torch":
+        raise UsageError(f"--triton runs the request on the server's own backend; drop --backend {args.backend}")
+    for other, flags in _BACKEND_FLAGS.items():
+        if other == source:
+            continue
+        for flag in flags:
+            if _given(args, flag):
+                needs = "--triton HOST:PORT" if other == "triton" else f"--backend {other}"
+                raise UsageError(f"{flag} needs {needs} (this request runs on {source})")
+    if source == "triton" and args.device:
+        raise UsageError("--device applies to in-process backends; the Triton server places its own models")
+    if source == "onnxruntime" and not args.onnx:
+        raise UsageError("--backend onnxruntime needs --onnx DIR (an export directory written by `kvt export`)")
+    if source == "tensorrt" and not args.engines:
+        raise UsageError("--backend tensorrt needs --engines DIR (an engine directory written by `kvt build`)")
+    return source
+
+
+def _request_from_args(args: argparse.Namespace, image, width: int | None, height: int | None):
+    from .request import GenerationRequest
+
+    return GenerationRequest(
+        prompt=args.prompt, image=image, width=width, height=height, fps=args.fps, motion=args.motion,
+        key_frame_guidance_scale=args.key_frame_guidance_scale,
+        guidance_weight_prompt=args.guidance_weight_prompt,
+        guidance_weight_image=args.guidance_weight_image,
+        interpolation_guidance_scale=args.interpolation_guidance_scale,
+        noise_augmentation=args.noise_augmentation, seed=args.seed,
+        key_frame_steps=args.key_frame_steps, base_frame_steps=args.base_frame_steps,
+        interpolation_steps=args.interpolation_steps,
+    )
+
+
+def _generate_on_triton(args: argparse.Namespace, out: Path) -> int:
+    """Validate what can be validated here (the server checks sizes against its own ranges), send."""
+    from ..triton_models.cli import generate_via_triton
+    from .images import load_image
+    from .request import validate_request
+    from .stages import ResolutionRange
+
+    image = load_image(args.image) if args.image else None
+    request = _request_from_args(args, image, args.width, args.height)
+    # Everything but the size range, which only the server's export knows: checked with the widest one.
+    probe = request.__class__(**{**request.__dict__, "width": args.width or 64, "height": args.height or 64})
+    validate_request(probe, ResolutionRange(64, 64, 1024))
+    path = generate_via_triton(args.triton, args.protocol or "http", request, out, progress=not args.no_progress)
+    print(path)
+    return EXIT_OK
 
 
 def _generate(args: argparse.Namespace) -> int:
     from ..models.checkpoints import check_checkpoint_dir
     from .images import load_image
     from .pipeline import KandinskyVideoPipeline, _default_size_for
-    from .request import GenerationRequest, validate_request
+    from .request import validate_request
     from .stages import stage_table_for
     from .video_io import check_output_path
 
     # Everything a user can get wrong is checked before any model is loaded.
-    onnx = args.backend == "onnxruntime"
-    _check_backend_options(args)
+    source = _check_backend_options(args)
+    onnx = source == "onnxruntime"
     if args.device is not None:
         _check_device(args.device)
     out = check_output_path(args.out)
     if args.playback_fps is not None and not args.playback_fps > 0:
         raise UsageError(f"--playback-fps {args.playback_fps}: must be a positive number")
-    if onnx:
+    if source == "triton":
+        return _generate_on_triton(args, out)
+    if source == "tensorrt":
+        from ..engines.manifest import EngineManifest
+        from .backends.tensorrt_backend import stage_table_of
+
+        resolution = stage_table_of(EngineManifest.read(args.engines), Path(args.engines)).resolution
+        default_size = (resolution.opt, resolution.opt)
+    elif onnx:
         from ..export.manifest import ExportManifest
         from .backends.onnxruntime_backend import ProviderError, resolve_providers
 
@@ -146,26 +216,20 @@ def _generate(args: argparse.Namespace) -> int:
         config, _ = check_checkpoint_dir(args.weights, args.text_encoder)
     else:
         config = _preset(args.preset).config
-    if not onnx:
+    if source == "torch":
         default_size = _default_size_for(config)
         resolution = stage_table_for(config).resolution
     image = load_image(args.image) if args.image else None
-    request = GenerationRequest(
-        prompt=args.prompt, image=image, width=args.width or default_size[0],
-        height=args.height or default_size[1], fps=args.fps, motion=args.motion,
-        key_frame_guidance_scale=args.key_frame_guidance_scale,
-        guidance_weight_prompt=args.guidance_weight_prompt,
-        guidance_weight_image=args.guidance_weight_image,
-        interpolation_guidance_scale=args.interpolation_guidance_scale,
-        noise_augmentation=args.noise_augmentation, seed=args.seed,
-        key_frame_steps=args.key_frame_steps, base_frame_steps=args.base_frame_steps,
-        interpolation_steps=args.interpolation_steps,
-    )
+    request = _request_from_args(args, image, args.width or default_size[0], args.height or default_size[1])
     validate_request(request, resolution)
 
     start = time.perf_counter()
     device = args.device or "cpu"
-    if onnx:
+    if source == "tensorrt":
+        pipeline = KandinskyVideoPipeline.from_engines(args.engines, device=args.device or "cuda",
+                                                       cuda_graphs=args.cuda_graphs)
+        source = f"TensorRT engines {args.engines}"
+    elif onnx:
         pipeline = KandinskyVideoPipeline.from_onnx(args.onnx, providers=args.providers, device=args.device)
         providers = sorted({p[0] for p in pipeline.backend.providers.values()})
         source = f"ONNX export {args.onnx} on onnxruntime ({', '.join(providers)})"
@@ -219,6 +283,36 @@ def _make_weights(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------------- convert-weights
+
+def _add_convert_weights(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert-weights", help="rewrite official .pt checkpoints as safetensors (same keys)",
+                       description="Reads each .pt once with weights_only=True (a pickle that would run "
+                                   "code is refused) and writes <stem>.safetensors, configs.json and the "
+                                   "Flan-UL2 folder (pickled shards rewritten as safetensors) to --out, "
+                                   "with sizes and SHA-256 of every file in kvt-weights.json.")
+    p.add_argument("weights", help="checkpoint directory in the official layout")
+    p.add_argument("--out", required=True, help="directory to create")
+    p.add_argument("--text-encoder", help="Flan-UL2 folder (default: configs.json text_encoder.weights_path)")
+    p.add_argument("--keep-text-encoder-in-place", action="store_true",
+                   help="do not copy the Flan-UL2 folder; the new configs.json points at it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.set_defaults(func=_convert_weights)
+
+
+def _convert_weights(args: argparse.Namespace) -> int:
+    from ..models.convert import convert_checkpoint_dir
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise UsageError(f"--out {args.out} already exists (pass --overwrite to replace it)")
+    path = convert_checkpoint_dir(args.weights, args.out, args.text_encoder, overwrite=args.overwrite,
+                                  include_text_encoder=not args.keep_text_encoder_in_place,
+                                  report=lambda message: _err(message))
+    _err(f"wrote {path} (safetensors; load it with --weights {path})")
+    print(path)
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------------------- stages
 
 def _add_stages(sub: argparse._SubParsersAction) -> None:
@@ -264,10 +358,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_make_weights(sub)
+    _add_convert_weights(sub)
     _add_stages(sub)
+    from ..engines.cli import add_build_parser, add_doctor_parser
     from ..export.cli import add_export_parser
+    from ..triton_models.cli import add_triton_repo_parser
 
     add_export_parser(sub)
+    add_build_parser(sub)
+    add_triton_repo_parser(sub)
+    add_doctor_parser(sub)
+    try:
+        from ..benchmarks.cli import add_bench_parser
+    except ImportError:  # the benchmarks package ships with the source tree, not every install
+        pass
+    else:
+        add_bench_parser(sub)
     return parser
 
 
@@ -284,12 +390,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from ..engines.manifest import EngineManifestError
+    from ..engines.runner import EngineError
+    from ..engines.trt_env import TensorRTUnavailable
+    from ..triton_models.client import TritonRequestError
+
     try:
         return args.func(args)
     except (InvalidRequestError, CheckpointError, ConfigError, ImageInputError, OutputPathError,
-            ExportManifestError, ProviderError, UsageError) as exc:
+            ExportManifestError, EngineManifestError, ProviderError, UsageError) as exc:
         _err(f"error: {exc}")
         return EXIT_INVALID
+    except (TensorRTUnavailable, EngineError, TritonRequestError) as exc:
+        _err(f"error: {exc}")
+        return EXIT_FAILURE
     except (GenerationCancelled, KeyboardInterrupt):
         _err("cancelled; nothing was written")
         return EXIT_CANCELLED

@@ -18,6 +18,10 @@ class ImageInputError(ValueError):
     """An input image cannot be read or is unsuitable."""
 
 
+# Formats a conditioning image file may have (Pillow plugins outside this list are never tried).
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[N, 3, H, W] decoder output -> [N, H, W, 3] uint8: clip((x + 1) / 2) x 255, truncated."""
     pixels = torch.clip((images.float() + 1.0) / 2.0, 0.0, 1.0).mul(255.0)
@@ -50,8 +54,39 @@ def load_image(source: str | Path | Image.Image) -> Image.Image:
     if not path.is_file():
         raise ImageInputError(f"image {str(path)!r} does not exist or is not a file")
     try:
-        with Image.open(path) as opened:
+        with Image.open(path, formats=IMAGE_FORMATS) as opened:
+            _check_pixels(opened.size, f"image {str(path)!r}")  # from the header, before decoding
             opened.load()
             return opened.copy()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageInputError(f"image {str(path)!r} cannot be read as an image ({exc})") from None
+        raise ImageInputError(f"image {str(path)!r} cannot be read as an image of the formats "
+                              f"{list(IMAGE_FORMATS)} ({exc})") from None
+
+
+def _check_pixels(size: tuple[int, int], what: str) -> None:
+    from .request import MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE
+
+    w, h = size
+    if w > MAX_IMAGE_SIDE or h > MAX_IMAGE_SIDE or w * h > MAX_IMAGE_PIXELS:
+        raise ImageInputError(f"{what} is {w}x{h} pixels: at most {MAX_IMAGE_SIDE} per side and "
+                              f"{MAX_IMAGE_PIXELS} in all are accepted")
+
+
+def image_from_array(array: np.ndarray | torch.Tensor) -> Image.Image:
+    """An image sent as a tensor (Triton, Python callers): uint8 [H, W, 3], [H, W, 4] or [H, W].
+
+    Floats are refused rather than guessed at ([0, 1] or [0, 255]?); the shape and size are checked
+    before any copy.
+    """
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    if not isinstance(array, np.ndarray):
+        raise ImageInputError(f"image: {type(array).__name__} given, a uint8 array [H, W, 3] is expected")
+    if array.dtype != np.uint8:
+        raise ImageInputError(f"image: dtype {array.dtype}, expected uint8 [H, W, 3] (RGB, 0-255)")
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise ImageInputError(f"image: shape {list(array.shape)}, expected [H, W, 3], [H, W, 4] or [H, W]")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ImageInputError(f"image: shape {list(array.shape)} is empty")
+    _check_pixels((array.shape[1], array.shape[0]), "image")
+    return Image.fromarray(np.ascontiguousarray(array))

@@ -33,7 +33,7 @@ from PIL import Image
 from ..models.text_encoder import PromptTokenizer, TokenizedPrompt
 from . import guidance
 from .backends.base import StageBackend
-from .images import key_frame_pixels, load_image, to_uint8
+from .images import image_from_array, key_frame_pixels, load_image, to_uint8
 from .noise import NoiseSource, SeededNoise
 from .request import GenerationRequest, InvalidRequestError, validate_request
 from .schedulers import Sampler, base_frame_sampler, interpolation_sampler, key_frame_sampler
@@ -49,6 +49,19 @@ class GenerationCancelled(RuntimeError):
     def __init__(self, stage: str, step: int) -> None:
         self.stage, self.step = stage, step
         super().__init__(f"generation cancelled by the callback at {stage} step {step}")
+
+
+# The stage each sampler loop calls once per step (names of StepInfo.stage -> stage table rows).
+LOOP_STAGES = {"key_frame": "unet_t2v_image", "base_frames": "unet_t2v_video", "interpolation": "unet_interp"}
+
+
+class GenerationTimeout(GenerationCancelled):
+    """The request ran past its time limit; it stopped at the next step boundary."""
+
+    def __init__(self, stage: str, step: int, limit_s: float) -> None:
+        RuntimeError.__init__(self, f"generation exceeded its time limit of {limit_s:g} s at {stage} "
+                                    f"step {step} (stage {LOOP_STAGES.get(stage, stage)}); stopped")
+        self.stage, self.step, self.limit_s = stage, step, limit_s
 
 
 @dataclass(frozen=True)
@@ -242,6 +255,57 @@ class KandinskyVideoPipeline:
         opt = table.resolution.opt
         return cls(backend, tokenizer, nulls["t2v"], nulls["interpolation"], (opt, opt))
 
+    @classmethod
+    def from_engines(cls, engine_dir: str | Path, device: str | torch.device = "cuda", *,
+                     cuda_graphs: bool = False) -> "KandinskyVideoPipeline":
+        """A TensorRT pipeline over an engine directory (``kvt build``; see kvt.engines.manifest).
+
+        ``kvt build`` copies the tokenizer and null embeddings next to the plans under the export's
+        asset names, so the engine directory is self-contained; when they are missing there (copied
+        without them) they are read from the export directory the manifest records. Assets are checked
+        before any engine is loaded. The default frame size is the export's resolution opt.
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from ..engines.manifest import EngineManifest, EngineManifestError
+        from .backends.tensorrt_backend import TensorRTBackend, stage_table_of
+
+        engine_dir = Path(engine_dir)
+        manifest = EngineManifest.read(engine_dir)
+        table = stage_table_of(manifest, engine_dir)
+        assets = manifest.onnx_manifest.get("assets") or {"tokenizer": "tokenizer",
+                                                          "null_embeddings": "null_embeddings.safetensors"}
+
+        def asset(name: str) -> Path:
+            for base in (engine_dir, Path(manifest.onnx_dir)):
+                if (base / assets[name]).exists():
+                    return base / assets[name]
+            raise EngineManifestError(f"{engine_dir}: asset {assets[name]!r} is neither in the engine directory "
+                                      f"nor in the export {manifest.onnx_dir}; rerun `kvt build`")
+
+        tokenizer_dir = asset("tokenizer")
+        try:
+            tokenizer = PromptTokenizer(tokenizer_dir, table.model.tokens_length)
+        except (OSError, ValueError) as exc:
+            raise EngineManifestError(f"{tokenizer_dir}: could not load the tokenizer ({exc})") from None
+        null_path = asset("null_embeddings")
+        try:
+            nulls = load_file(str(null_path))
+        except (OSError, SafetensorError) as exc:
+            raise EngineManifestError(f"{null_path}: could not read the null embeddings ({exc})") from None
+        for key in ("t2v", "interpolation"):
+            value = nulls.get(key)
+            if value is None or tuple(value.shape) != (table.model.context_dim,):
+                found = "missing" if value is None else f"shape {list(value.shape)}"
+                raise EngineManifestError(f"{null_path}: null embedding {key!r} is {found}, expected "
+                                          f"float32 [{table.model.context_dim}]")
+        # Every stage with a plan is loaded; a stage built for no requested mode (the interpolation U-Net
+        # of a build for fps low only) fails when called, naming the stage.
+        backend = TensorRTBackend(engine_dir, device=device, cuda_graphs=cuda_graphs)
+        opt = table.resolution.opt
+        return cls(backend, tokenizer, nulls["t2v"], nulls["interpolation"], (opt, opt))
+
     # ------------------------------------------------------------------ the request
 
     def __call__(
@@ -265,15 +329,25 @@ class KandinskyVideoPipeline:
         progress: bool = True,
         callback: StepCallback | None = None,
         noise: NoiseSource | None = None,
+        timeout_s: float | None = None,
     ) -> VideoOutput:
         """Generate a video. Defaults are the official ones (``motion='medium'`` is what the official
         default 'normal' falls back to). ``image`` turns it into image-to-video. ``noise`` replaces the
-        seeded noise (e.g. to replay recorded noise); ``callback`` returning False cancels."""
-        if image is not None and not isinstance(image, Image.Image):
+        seeded noise (e.g. to replay recorded noise); ``callback`` returning False cancels;
+        ``timeout_s`` stops the request at the first step boundary past the limit."""
+        if isinstance(image, (np.ndarray, torch.Tensor)):
+            try:
+                image = image_from_array(image)
+            except ValueError as exc:
+                raise InvalidRequestError("image", "<array>", str(exc)) from None
+        elif image is not None and not isinstance(image, Image.Image):
+            if not isinstance(image, (str, Path)):
+                raise InvalidRequestError("image", type(image).__name__,
+                                          "a PIL image, a uint8 array [H, W, 3] or a path to an image file")
             try:
                 image = load_image(image)
             except ValueError as exc:
-                raise InvalidRequestError("image", str(image), f"a readable image file ({exc})") from None
+                raise InvalidRequestError("image", str(image)[:200], f"a readable image file ({exc})") from None
         request = GenerationRequest(
             prompt=prompt, image=image, width=self.default_width if width is None else width,
             height=self.default_height if height is None else height, fps=fps, motion=motion,
@@ -283,12 +357,17 @@ class KandinskyVideoPipeline:
             noise_augmentation=noise_augmentation, seed=seed, key_frame_steps=key_frame_steps,
             base_frame_steps=base_frame_steps, interpolation_steps=interpolation_steps,
         )
-        return self.generate(request, progress=progress, callback=callback, noise=noise)
+        return self.generate(request, progress=progress, callback=callback, noise=noise, timeout_s=timeout_s)
 
     @torch.inference_mode()
     def generate(self, request: GenerationRequest, progress: bool = True,
-                 callback: StepCallback | None = None, noise: NoiseSource | None = None) -> VideoOutput:
+                 callback: StepCallback | None = None, noise: NoiseSource | None = None,
+                 timeout_s: float | None = None) -> VideoOutput:
         validate_request(request, self.table.resolution)
+        if timeout_s is not None:
+            if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+                raise InvalidRequestError("timeout_s", timeout_s, "a positive number of seconds")
+            callback = _with_deadline(callback, time.monotonic() + timeout_s, float(timeout_s))
         if request.seed is None and noise is None:
             request = request.with_seed(secrets.randbelow(2**31))
         noise = noise or SeededNoise(request.seed, self.device)
@@ -503,6 +582,17 @@ class KandinskyVideoPipeline:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         timings[name] = time.perf_counter() - start
+
+
+def _with_deadline(callback: StepCallback | None, deadline: float, limit_s: float) -> StepCallback:
+    """Wrap the per-step callback so that a step ending past ``deadline`` stops the request."""
+
+    def check(info: StepInfo) -> bool | None:
+        if time.monotonic() > deadline:
+            raise GenerationTimeout(info.stage, info.step, limit_s)
+        return None if callback is None else callback(info)
+
+    return check
 
 
 def interleave(base: torch.Tensor, new: torch.Tensor) -> torch.Tensor:

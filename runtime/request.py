@@ -20,6 +20,12 @@ MAX_GUIDANCE = 100.0
 MAX_STEPS = 1000
 MAX_NOISE_AUGMENTATION = 999  # a training timestep
 MAX_SEED = 2**63 - 1
+# Limits that bound the work a request can cause before any model runs (spec: 128 tokens are read;
+# a prompt is tokenized whole before truncation, so its length is bounded too).
+MAX_PROMPT_CHARS = 4096
+MAX_IMAGE_SIDE = 8192
+MAX_IMAGE_PIXELS = 4096 * 4096
+IMAGE_MODES = ("RGB", "RGBA", "L", "LA", "P", "CMYK", "YCbCr", "I;16", "I", "F", "1")
 
 
 class InvalidRequestError(ValueError):
@@ -83,19 +89,24 @@ def _check_guidance(name: str, value: Any) -> None:
 def validate_request(request: GenerationRequest, resolution: ResolutionRange) -> GenerationRequest:
     """Return ``request`` if every value is acceptable, else raise :class:`InvalidRequestError`."""
     if not isinstance(request.prompt, str):
-        raise InvalidRequestError("prompt", request.prompt, "a string")
+        raise InvalidRequestError("prompt", _short(request.prompt), "a string")
     if not request.prompt.strip():
         raise InvalidRequestError("prompt", request.prompt, "a non-empty text description")
+    if len(request.prompt) > MAX_PROMPT_CHARS:
+        raise InvalidRequestError("prompt", f"<{len(request.prompt)} characters>",
+                                  f"at most {MAX_PROMPT_CHARS} characters (the model reads 128 tokens)")
+    if "\x00" in request.prompt:
+        raise InvalidRequestError("prompt", _short(request.prompt), "text without NUL characters")
     for name in ("width", "height"):
         value = getattr(request, name)
         allowed = (f"a multiple of {PIXEL_MULTIPLE} in [{resolution.min}, {resolution.max}] "
                    f"(the U-Net has three stride-2 levels on the 1/8 latent)")
         if not _is_int(value) or value % PIXEL_MULTIPLE or not resolution.min <= value <= resolution.max:
             raise InvalidRequestError(name, value, allowed)
-    if request.fps not in FPS_FRAMES:
-        raise InvalidRequestError("fps", request.fps, f"one of {list(FPS_FRAMES)}")
-    if request.motion not in MOTION_SCORES:
-        raise InvalidRequestError("motion", request.motion, f"one of {list(MOTION_SCORES)}")
+    if not isinstance(request.fps, str) or request.fps not in FPS_FRAMES:
+        raise InvalidRequestError("fps", _short(request.fps), f"one of {list(FPS_FRAMES)}")
+    if not isinstance(request.motion, str) or request.motion not in MOTION_SCORES:
+        raise InvalidRequestError("motion", _short(request.motion), f"one of {list(MOTION_SCORES)}")
     for name in ("key_frame_guidance_scale", "guidance_weight_prompt", "guidance_weight_image",
                  "interpolation_guidance_scale"):
         _check_guidance(name, getattr(request, name))
@@ -109,11 +120,27 @@ def validate_request(request: GenerationRequest, resolution: ResolutionRange) ->
     return request
 
 
+def _short(value: Any, limit: int = 80) -> Any:
+    """A value as it may appear in an error message: long texts and containers are cut."""
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        return value[:limit] + (b"..." if isinstance(value, bytes) else "...")
+    if isinstance(value, (int, float, bool, type(None), str, bytes)):
+        return value
+    text = repr(value)
+    return f"<{type(value).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}>"
+
+
 def check_image(image: Any, width: int, height: int) -> None:
-    """The conditioning image must be a PIL image at least as large as the output frame."""
+    """The conditioning image: a PIL image of a known mode, at most MAX_IMAGE_SIDE per side and
+    MAX_IMAGE_PIXELS in all, and at least as large as the output frame."""
     if not isinstance(image, Image.Image):
         raise InvalidRequestError("image", type(image).__name__, "a PIL image or a path to an image file")
     w, h = image.size
+    if w > MAX_IMAGE_SIDE or h > MAX_IMAGE_SIDE or w * h > MAX_IMAGE_PIXELS:
+        raise InvalidRequestError("image", f"{w}x{h} pixels",
+                                  f"at most {MAX_IMAGE_SIDE} pixels per side and {MAX_IMAGE_PIXELS} in all")
+    if image.mode not in IMAGE_MODES:
+        raise InvalidRequestError("image", f"mode {image.mode}", f"one of the modes {list(IMAGE_MODES)}")
     if w < width or h < height:
         raise InvalidRequestError(
             "image", f"{w}x{h} pixels",

@@ -134,7 +134,7 @@ def test_truncated_file_is_reported(ref_copy):
 def test_written_directory_round_trips(tmp_path):
     models = random_models(TINY, seed=7)
     out = write_checkpoint_dir(models, tmp_path / "tiny")
-    assert sorted(p.name for p in out.iterdir()) == sorted(REQUIRED_FILES + ("text_encoder",))
+    assert sorted(p.name for p in out.iterdir()) == sorted(REQUIRED_FILES + ("text_encoder", "kvt-weights.json"))
     loaded = load_checkpoint_dir(out)
     for name, net in models.networks().items():
         theirs = loaded.networks()[name].state_dict()

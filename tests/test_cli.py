@@ -66,6 +66,16 @@ def test_console_script_end_to_end(tmp_path):
     (["--preset", "huge"], "unknown preset 'huge'"),
     (["--image", "/nonexistent.png"], "does not exist"),
     (["--weights", "/nonexistent"], "checkpoint directory /nonexistent does not exist"),
+    (["--backend", "tensorrt"], "--backend tensorrt needs --engines DIR"),
+    (["--backend", "tensorrt", "--engines", "/nonexistent"], "/nonexistent: no manifest.json"),
+    (["--engines", "/somewhere"], "--engines needs --backend tensorrt (this request runs on torch)"),
+    (["--cuda-graphs"], "--cuda-graphs needs --backend tensorrt"),
+    (["--backend", "onnxruntime", "--onnx", "/x", "--weights", "/y"], "--weights needs --backend torch"),
+    (["--protocol", "grpc"], "--protocol needs --triton HOST:PORT"),
+    (["--triton", "127.0.0.1:1", "--weights", "/y"], "--weights needs --backend torch (this request runs on triton)"),
+    (["--triton", "127.0.0.1:1", "--backend", "onnxruntime"], "drop --backend onnxruntime"),
+    (["--triton", "127.0.0.1:1", "--device", "cpu"], "--device applies to in-process backends"),
+    (["--triton", "127.0.0.1:1", "--fps", "ultra"], "fps='ultra' is not allowed"),
 ])
 def test_bad_input_exits_2_without_output(tmp_path, capsys, args, message):
     out = tmp_path / "video.mp4"
@@ -127,3 +137,17 @@ def test_stages_command(capsys):
     assert main(["stages", "--preset", "full"]) == EXIT_OK
     text = capsys.readouterr().out
     assert "unet_t2v_video" in text and "N 36/36/72 step 12" in text
+
+
+def test_triton_without_a_server_fails_with_a_clear_message(tmp_path, capsys):
+    out = tmp_path / "video.mp4"
+    assert main(["generate", "a cat", "--out", str(out), "--triton", "127.0.0.1:9", "--no-progress"]) == 1
+    assert "127.0.0.1:9" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_build_without_tensorrt_fails_fast(tmp_path, capsys):
+    assert main(["build", "--onnx", str(tmp_path), "--out", str(tmp_path / "engines")]) in (1, 2)
+    err = capsys.readouterr().err
+    assert "tensorrt" in err.lower() or "manifest" in err.lower()
+    assert not (tmp_path / "engines").exists()

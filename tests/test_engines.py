@@ -1,0 +1,817 @@
+"""kvt.engines without TensorRT: profiles, cache keys, the engine manifest, the build flow and its
+error paths, `kvt build` / `kvt doctor`.
+
+Where a build or a backend load is exercised, ``FakeTensorRT`` stands in for the TensorRT library
+only (it records what it is asked and returns bytes instead of plans); everything else (export
+manifests, ONNX files read with ``onnx``, the cache, the CLI) is real. The real library is exercised
+by tests/test_tensorrt_engines.py on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from kvt.engines import builder as builder_mod
+from kvt.engines.builder import (
+    BuildOptions,
+    EngineBuildError,
+    OnnxParseError,
+    build_engines,
+)
+from kvt.engines.cache import (
+    EngineCache,
+    PlanIntegrityError,
+    StalePlanError,
+    make_key,
+    onnx_digest,
+)
+from kvt.engines.cli import parse_size
+from kvt.engines.manifest import EngineManifest, EngineManifestError
+from kvt.export.manifest import ExportManifestError
+from kvt.engines.profiles import (
+    ProfileError,
+    Resolution,
+    input_shapes,
+    parse_fps_modes,
+    parse_resolution,
+    profile_key,
+    request_profiles,
+    select_profiles,
+)
+from kvt.engines.runner import choose_profile, torch_dtype
+from kvt.engines.trt_env import GpuInfo, TensorRTUnavailable, import_tensorrt, require_gpu
+from kvt.models.presets import get_preset
+from kvt.runtime.stages import Dim, stage_table_for
+
+TINY = stage_table_for(get_preset("tiny").config)  # resolution 64 / 64 / 256
+FULL = stage_table_for(get_preset("full").config)  # resolution 256 / 512 / 1024
+GPU_A = GpuInfo(0, "Fake GPU A", "9.0", 80 * 2**30)
+GPU_B = GpuInfo(0, "Fake GPU B", "8.6", 24 * 2**30)
+
+
+def dims(profile) -> dict[str, tuple[int, int, int]]:
+    return {name: (d.min, d.opt, d.max) for name, d in profile.items()}
+
+
+# ------------------------------------------------------------------------------------- profiles
+
+@pytest.mark.parametrize("text,expected", [("512x512", (512, 512)), ("640x384", (640, 384)),
+                                           (" 64 X 128 ", (64, 128))])
+def test_parse_resolution(text, expected):
+    res = parse_resolution(text)
+    assert (res.width, res.height) == expected and str(res) == f"{expected[0]}x{expected[1]}"
+
+
+@pytest.mark.parametrize("text,message", [("512", "WIDTHxHEIGHT"), ("512x500", "height 500"),
+                                          ("0x512", "width 0"), ("axb", "WIDTHxHEIGHT")])
+def test_parse_resolution_rejects(text, message):
+    with pytest.raises(ProfileError, match=message):
+        parse_resolution(text)
+
+
+def test_parse_fps_modes():
+    assert parse_fps_modes(["high", "low", "high"]) == ("high", "low")
+    with pytest.raises(ProfileError, match="'ultra'.*low, medium, high"):
+        parse_fps_modes(["ultra"])
+
+
+def test_without_resolution_the_table_ranges_are_built():
+    chosen = select_profiles(FULL)
+    assert list(chosen) == list(FULL.names)
+    for name, profiles in chosen.items():
+        assert [dims(p) for p in profiles] == [dims(p) for p in FULL[name].profiles]
+    assert [dims(p)["N"] for p in chosen["unet_interp"]] == [(4, 22, 88), (4, 88, 88)]
+
+
+def test_fps_modes_alone_drop_stages_nobody_calls():
+    assert "unet_interp" not in select_profiles(FULL, fps_modes=["low"])
+    assert "unet_interp" in select_profiles(FULL, fps_modes=["low", "medium"])
+
+
+def test_request_profiles_512_low():
+    chosen = request_profiles(FULL, [Resolution(512, 512)], ["low"])
+    assert "unet_interp" not in chosen  # fps low never interpolates
+    assert dims(chosen["unet_t2v_video"][0]) == {"N": (36, 36, 36), "h": (64, 64, 64), "w": (64, 64, 64)}
+    assert dims(chosen["unet_t2v_image"][0]) == {"N": (2, 2, 2), "h": (128, 128, 128), "w": (128, 128, 128)}
+    assert dims(chosen["movq_decoder"][0]) == {"h": (128, 128, 128), "w": (128, 128, 128)}
+    assert dims(chosen["video_movq_decoder"][0])["F"] == (4, 4, 4)  # 12 frames: chunks of 4
+    assert dims(chosen["text_encoder"][0]) == {"B": (1, 1, 1)}
+
+
+def test_request_profiles_high_fps_gives_the_two_interpolation_profiles():
+    chosen = request_profiles(FULL, [Resolution(512, 512)], ["medium", "high"])
+    assert [dims(p)["N"] for p in chosen["unet_interp"]] == [(22, 22, 22), (88, 88, 88)]
+    # 45 frames: 9 chunks of 5; 177 frames: 35 of 5 and one of 2 -> opt is the common 5
+    assert dims(chosen["video_movq_decoder"][0])["F"] == (2, 5, 5)
+
+
+def test_request_profiles_envelope_and_opt_from_the_first_resolution():
+    chosen = request_profiles(FULL, [Resolution(640, 384), Resolution(512, 512), Resolution(256, 256)], ["low"])
+    video = dims(chosen["unet_t2v_video"][0])
+    assert video["h"] == (32, 48, 64) and video["w"] == (32, 80, 80)
+    assert dims(chosen["movq_encoder"][0])["w"] == (32, 80, 80)
+
+
+def test_table_batch_keeps_the_table_batch_range():
+    chosen = request_profiles(FULL, [Resolution(512, 512)], ["high"], table_batch=True)
+    assert [dims(p)["N"] for p in chosen["unet_interp"]] == [(4, 22, 88), (4, 88, 88)]
+    assert dims(chosen["unet_interp"][0])["h"] == (64, 64, 64)  # spatial stays tight
+    assert dims(chosen["text_encoder"][0])["B"] == (1, 1, 4)
+
+
+def test_request_profiles_errors():
+    with pytest.raises(ProfileError, match=r"1280x512: width 1280 is outside the export's range \[256, 1024\]"):
+        request_profiles(FULL, [Resolution(1280, 512)], ["low"])
+    with pytest.raises(ProfileError, match="at least one resolution"):
+        request_profiles(FULL, [], ["low"])
+    with pytest.raises(KeyError, match="unknown stage 'nope'"):
+        select_profiles(FULL, stages=["nope"])
+
+
+def test_request_profiles_for_a_subset_of_stages_and_default_fps():
+    chosen = select_profiles(TINY, [Resolution(64, 64)], [], stages=["unet_t2v_video", "unet_interp"])
+    assert list(chosen) == ["unet_t2v_video"]  # default fps mode: low
+
+
+def test_input_shapes_scale_symbols_and_skip_static_inputs():
+    spec = FULL["movq_encoder"]
+    profile = {"B": Dim(1, 1, 4), "h": Dim(32, 64, 128, 8), "w": Dim(32, 64, 128, 8)}
+    assert input_shapes(spec, profile) == {"image": ((1, 3, 256, 256), (1, 3, 512, 512), (4, 3, 1024, 1024))}
+    interp = input_shapes(FULL["unet_interp"], FULL["unet_interp"].profiles[1])
+    assert interp["sample"][1] == (88, 20, 64, 64) and interp["context"][2] == (88, 128, 4096)
+    with pytest.raises(ProfileError, match="no dim '8h' of input 'image'"):
+        input_shapes(spec, {"B": Dim(1, 1, 1)})
+
+
+def test_profile_key_is_sorted_and_hashable():
+    key = profile_key([{"w": Dim(1, 2, 3), "N": Dim(4, 5, 6)}])
+    assert key == ((("N", 4, 5, 6), ("w", 1, 2, 3)),)
+    hash(key)
+
+
+def test_choose_profile_prefers_the_nearest_opt():
+    ranges = [{"x": ((4, 1), (22, 1), (88, 1))}, {"x": ((4, 1), (88, 1), (88, 1))}]
+    assert choose_profile(ranges, {"x": (22, 1)}) == 0
+    assert choose_profile(ranges, {"x": (80, 1)}) == 1
+    assert choose_profile(ranges, {"x": (90, 1)}) is None
+    assert choose_profile(ranges, {"x": (22, 1), "static": (3,)}) == 0
+
+
+def test_torch_dtype_of_trt_names():
+    assert torch_dtype(FakeTensorRT.DataType.HALF) is torch.float16
+    assert torch_dtype(FakeTensorRT.DataType.BOOL) is torch.bool
+
+
+# ------------------------------------------------------------------------------------- cache
+
+PROFILES = ({"N": Dim(2, 2, 2)},)
+
+
+def _key(**changes):
+    key = make_key("unet_t2v_image", "a" * 64, PROFILES, "fp16", "10.13.0.35", "9.0", 3)
+    return dataclasses.replace(key, **changes) if changes else key
+
+
+@pytest.mark.parametrize("field,value", [("stage", "unet_t2v_video"), ("onnx_sha256", "b" * 64),
+                                         ("profiles", profile_key(({"N": Dim(2, 2, 4)},))),
+                                         ("precision", "fp32"), ("tensorrt_version", "11.0.0"),
+                                         ("compute_capability", "8.9"), ("builder_optimization_level", 5)])
+def test_key_digest_changes_with_every_field(field, value):
+    assert _key().digest() == _key().digest()
+    assert _key(**{field: value}).digest() != _key().digest()
+
+
+def test_make_key_rejects_bad_values():
+    with pytest.raises(ValueError, match="optimisation level 7"):
+        make_key("s", "x", PROFILES, "fp16", "10", "9.0", 7)
+    with pytest.raises(ValueError, match="at least one optimisation profile"):
+        make_key("s", "x", (), "fp16", "10", "9.0")
+
+
+def test_onnx_digest_covers_external_data():
+    one = onnx_digest({"a.onnx": {"sha256": "1"}})
+    two = onnx_digest({"a.onnx": {"sha256": "1"}, "a.onnx.data": {"sha256": "2"}})
+    assert one != two and one == onnx_digest({"a.onnx": {"sha256": "1", "bytes": 9}})
+    with pytest.raises(EngineManifestError, match="records no files"):
+        onnx_digest({})
+
+
+def _cache(tmp_path, model=None) -> EngineCache:
+    cache = EngineCache(tmp_path / "engines")
+    cache.open_for("/exports/x", {"model": model or {"tokens_length": 16}, "precision": "fp16", "options": {}})
+    return cache
+
+
+def test_store_lookup_reuse_and_integrity(tmp_path):
+    cache = _cache(tmp_path)
+    key = _key()
+    assert cache.lookup(key) is None
+    entry = cache.store(key, b"plan-bytes", 1.23456)
+    assert entry.plan == f"unet_t2v_image/{key.digest()}.plan" and entry.bytes == 10
+    assert cache.lookup(key) == entry and cache.lookup(key, verify_hash=True) == entry
+    assert cache.lookup(_key(precision="fp32")) is None
+    assert cache.read_plan(entry) == b"plan-bytes"
+    # no temporary file is left behind by the atomic writes
+    assert sorted(p.name for p in (cache.directory / "unet_t2v_image").iterdir()) == [f"{key.digest()}.plan"]
+    assert not [p for p in cache.directory.iterdir() if p.name.startswith(".manifest")]
+    # same size, other content: only the hash notices
+    cache.plan_path(entry).write_bytes(b"PLAN-BYTES")
+    assert cache.lookup(key) == entry and cache.lookup(key, verify_hash=True) is None
+    with pytest.raises(PlanIntegrityError, match="SHA-256 differs"):
+        cache.read_plan(entry)
+    cache.plan_path(entry).write_bytes(b"short")
+    assert cache.lookup(key) is None
+    with pytest.raises(PlanIntegrityError, match="5 bytes, the manifest records 10"):
+        cache.check_file(entry)
+    cache.plan_path(entry).unlink()
+    with pytest.raises(PlanIntegrityError, match="missing"):
+        cache.read_plan(entry)
+
+
+def test_store_replaces_the_older_plan_for_the_same_gpu_and_version(tmp_path):
+    cache = _cache(tmp_path)
+    first = cache.store(_key(), b"one")
+    other_gpu = cache.store(_key(compute_capability="8.6"), b"two")
+    newer = cache.store(_key(onnx_sha256="c" * 64), b"three")
+    plans = cache.manifest().stages["unet_t2v_image"]
+    assert plans == [other_gpu, newer]
+    assert not cache.plan_path(first).exists() and cache.plan_path(other_gpu).exists()
+
+
+def test_select_never_returns_a_plan_of_another_gpu_or_version(tmp_path):
+    cache = _cache(tmp_path)
+    entry = cache.store(_key(), b"plan")
+    assert cache.select("unet_t2v_image", "10.13.0.35", "9.0") == entry
+    with pytest.raises(StalePlanError, match=r"built for TensorRT 10.13.0.35 on compute capability 9.0; "
+                                             r"this machine has TensorRT 10.13.0.35 on compute capability 8.6"):
+        cache.select("unet_t2v_image", "10.13.0.35", "8.6")
+    with pytest.raises(StalePlanError, match="rebuild it here with `kvt build --onnx /exports/x"):
+        cache.select("unet_t2v_image", "11.0.0", "9.0")
+    with pytest.raises(EngineManifestError, match="no plan for stage 'movq_decoder'"):
+        cache.select("movq_decoder", "10.13.0.35", "9.0")
+
+
+def test_open_for_refuses_plans_of_another_export(tmp_path):
+    cache = _cache(tmp_path)
+    cache.store(_key(), b"plan")
+    again = cache.open_for("/exports/y", {"model": {"tokens_length": 16}, "precision": "fp16", "options": {}})
+    assert again.onnx_dir == "/exports/y" and again.stages  # same model: plans kept
+    other = {"model": {"tokens_length": 128}, "precision": "fp16", "options": {}}
+    with pytest.raises(EngineManifestError, match="holds plans of another export"):
+        cache.open_for("/exports/z", other)
+    assert cache.open_for("/exports/z", other, overwrite=True).stages == {}
+    with pytest.raises(EngineManifestError, match="call open_for"):
+        EngineCache(tmp_path / "fresh").store(_key(), b"x")
+
+
+def test_manifest_round_trip_and_errors(tmp_path):
+    cache = _cache(tmp_path)
+    cache.store(_key(), b"p")
+    cache.store(_key(compute_capability="8.6"), b"q")
+    manifest = EngineManifest.read(cache.directory)
+    assert [p.key.compute_capability for p in manifest.stages["unet_t2v_image"]] == ["9.0", "8.6"]
+    assert manifest.plans_for("unet_t2v_image", "10.13.0.35", "8.6")[0].sha256 == cache.manifest().stages[
+        "unet_t2v_image"][1].sha256
+    (cache.directory / "manifest.json").write_text("{nope")
+    with pytest.raises(EngineManifestError, match="not valid JSON"):
+        EngineManifest.read(cache.directory)
+    with pytest.raises(EngineManifestError, match="no manifest.json"):
+        EngineManifest.read(tmp_path)
+
+
+def test_timing_cache_round_trip(tmp_path):
+    cache = _cache(tmp_path)
+    assert cache.load_timing_cache() == b""
+    cache.save_timing_cache(b"timings")
+    assert cache.load_timing_cache() == b"timings" and cache.timing_cache_path.name == "timing.cache"
+
+
+def test_parse_size():
+    assert parse_size("8GiB") == 8 * 2**30 and parse_size("512M") == 512 * 2**20 and parse_size("100") == 100
+    with pytest.raises(ValueError, match="size 'lots'"):
+        parse_size("lots")
+
+
+# ------------------------------------------------------------------------------------- the fake library
+
+class _Enum(enum.Enum):
+    pass
+
+
+class FakeTensorRT:
+    """A stand-in for the ``tensorrt`` module (and nothing else): just the API the builder and the
+    runner call, recording what it was asked. Plans are JSON descriptions of the build request."""
+
+    __version__ = "10.13.0.35"
+    builds = 0
+    fail_parse: list[tuple[int, str, str, str]] = []  # (node index, name, operator, description)
+    fail_build = False
+    last_flags: int | None = None
+    last_timing_cache: bytes | None = None
+
+    DataType = _Enum("DataType", "FLOAT HALF BF16 INT32 INT64 BOOL INT8 UINT8")
+    MemoryPoolType = _Enum("MemoryPoolType", "WORKSPACE")
+    TensorIOMode = _Enum("TensorIOMode", "NONE INPUT OUTPUT")
+
+    class NetworkDefinitionCreationFlag:
+        STRONGLY_TYPED = 1
+
+    class ILogger:
+        Severity = _Enum("Severity", "INTERNAL_ERROR ERROR WARNING INFO VERBOSE")
+
+        def __init__(self) -> None:
+            pass
+
+    class _Tensor:
+        def __init__(self, name, dtype, rank):
+            self.name, self.dtype, self.shape = name, dtype, (-1,) * rank
+
+    class _Network:
+        def __init__(self, flags):
+            self.flags, self.inputs, self.outputs = flags, [], []
+            FakeTensorRT.last_flags = flags
+
+        num_inputs = property(lambda self: len(self.inputs))
+        num_outputs = property(lambda self: len(self.outputs))
+
+        def get_input(self, i):
+            return self.inputs[i]
+
+        def get_output(self, i):
+            return self.outputs[i]
+
+    class _ParserError:
+        def __init__(self, node, name, op, desc):
+            self._v = (node, name, op, desc)
+
+        def node(self):
+            return self._v[0]
+
+        def node_name(self):
+            return self._v[1]
+
+        def node_operator(self):
+            return self._v[2]
+
+        def desc(self):
+            return self._v[3]
+
+        def code(self):
+            return "ErrorCode.UNSUPPORTED_NODE"
+
+    class OnnxParser:
+        _TYPES = {1: "FLOAT", 10: "HALF", 16: "BF16", 6: "INT32", 7: "INT64", 9: "BOOL"}
+
+        def __init__(self, network, logger):
+            self.network, self.errors = network, []
+
+        def parse_from_file(self, path):
+            if FakeTensorRT.fail_parse:
+                self.errors = [FakeTensorRT._ParserError(*e) for e in FakeTensorRT.fail_parse]
+                return False
+            graph = onnx.load(path, load_external_data=False).graph
+            for values, target in ((graph.input, self.network.inputs), (graph.output, self.network.outputs)):
+                for value in values:
+                    kind = value.type.tensor_type
+                    target.append(FakeTensorRT._Tensor(value.name, getattr(FakeTensorRT.DataType, self._TYPES[kind.elem_type]),
+                                                       len(kind.shape.dim)))
+            return True
+
+        num_errors = property(lambda self: len(self.errors))
+
+        def get_error(self, i):
+            return self.errors[i]
+
+    class _Profile:
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, name, low, opt, high):
+            self.shapes[name] = [list(low), list(opt), list(high)]
+
+    class _TimingCache:
+        def __init__(self, data):
+            self.data = bytes(data) + b"+"
+
+        def serialize(self):
+            return self.data
+
+    class _Config:  # no set_flag: a precision flag would fail the build
+        def __init__(self):
+            self.builder_optimization_level = None
+            self.pools, self.profiles, self.cache = {}, [], None
+
+        def set_memory_pool_limit(self, pool, size):
+            self.pools[pool.name] = size
+
+        def create_timing_cache(self, data):
+            FakeTensorRT.last_timing_cache = bytes(data)
+            return FakeTensorRT._TimingCache(data)
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            self.cache = cache
+            return True
+
+        def get_timing_cache(self):
+            return self.cache
+
+        def add_optimization_profile(self, profile):
+            self.profiles.append(profile.shapes)
+
+    class Builder:
+        def __init__(self, logger):
+            self.logger = logger
+
+        def create_network(self, flags):
+            return FakeTensorRT._Network(flags)
+
+        def create_builder_config(self):
+            return FakeTensorRT._Config()
+
+        def create_optimization_profile(self):
+            return FakeTensorRT._Profile()
+
+        def build_serialized_network(self, network, config):
+            if FakeTensorRT.fail_build:
+                self.logger.log(FakeTensorRT.ILogger.Severity.ERROR, "out of fake memory")
+                return None
+            FakeTensorRT.builds += 1
+            io = [[t.name, True, t.dtype.name] for t in network.inputs]
+            io += [[t.name, False, t.dtype.name] for t in network.outputs]
+            return json.dumps({"inputs": [t.name for t in network.inputs], "io": io, "profiles": config.profiles,
+                               "level": config.builder_optimization_level, "pools": config.pools}).encode()
+
+
+    class _Context:
+        def __init__(self, engine, strategy):
+            self.engine, self.strategy, self.calls, self.shapes = engine, strategy, [], {}
+
+        def set_optimization_profile_async(self, index, stream):
+            self.calls.append(("profile", index))
+            self.profile = index
+            return True
+
+        def set_input_shape(self, name, shape):
+            self.shapes[name] = tuple(shape)
+            return True
+
+        def get_tensor_shape(self, name):
+            return FakeTensorRT.output_shape(name, self.shapes)  # the real library infers it
+
+        def set_tensor_address(self, name, pointer):
+            self.calls.append(("address", name, pointer))
+
+        def set_device_memory(self, pointer, size):
+            self.calls.append(("memory", pointer, size))
+
+        def execute_async_v3(self, stream):
+            self.calls.append(("execute", stream))
+            return True
+
+    output_shape = None  # set by runner tests: (output name, input shapes) -> shape
+
+    class _Engine:
+        def __init__(self, plan):
+            data = json.loads(plan)
+            self.io, self.ranges = data["io"], data["profiles"]
+            self.contexts = []
+
+        num_io_tensors = property(lambda self: len(self.io))
+        num_optimization_profiles = property(lambda self: len(self.ranges))
+        device_memory_size_v2 = property(lambda self: 4096)
+
+        def get_tensor_name(self, i):
+            return self.io[i][0]
+
+        def get_tensor_mode(self, name):
+            is_input = next(entry[1] for entry in self.io if entry[0] == name)
+            return FakeTensorRT.TensorIOMode.INPUT if is_input else FakeTensorRT.TensorIOMode.OUTPUT
+
+        def get_tensor_dtype(self, name):
+            return getattr(FakeTensorRT.DataType, next(entry[2] for entry in self.io if entry[0] == name))
+
+        def get_tensor_profile_shape(self, name, index):
+            return self.ranges[index][name]
+
+        def create_execution_context(self, strategy):
+            context = FakeTensorRT._Context(self, strategy)
+            self.contexts.append(context)
+            return context
+
+    ExecutionContextAllocationStrategy = _Enum("ExecutionContextAllocationStrategy", "STATIC ON_PROFILE_CHANGE USER_MANAGED")
+
+    class Runtime:
+        def __init__(self, logger):
+            self.logger = logger
+
+        def deserialize_cuda_engine(self, plan):
+            try:
+                return FakeTensorRT._Engine(plan)
+            except ValueError:
+                self.logger.log(FakeTensorRT.ILogger.Severity.ERROR, "magic tag mismatch")
+                return None
+
+
+@pytest.fixture
+def fake_trt(monkeypatch):
+    for name, value in (("builds", 0), ("fail_parse", []), ("fail_build", False), ("last_flags", None)):
+        monkeypatch.setattr(FakeTensorRT, name, value)
+    return FakeTensorRT
+
+
+@pytest.fixture(scope="module")
+def export_dir(reference_export_fp16) -> Path:
+    return reference_export_fp16
+
+
+def _build(export_dir, out, trt, messages, **kwargs):
+    kwargs.setdefault("resolutions", [Resolution(64, 64)])
+    kwargs.setdefault("fps_modes", ["low"])
+    return build_engines(export_dir, out, report=messages.append, trt=trt, gpu=kwargs.pop("gpu", GPU_A), **kwargs)
+
+
+def test_build_then_reuse(export_dir, tmp_path, fake_trt):
+    out, messages = tmp_path / "engines", []
+    result = _build(export_dir, out, fake_trt, messages, options=BuildOptions(workspace_bytes=2**30))
+    built = [s.stage for s in result.stages]
+    assert "unet_interp" not in built and result.skipped == ["unet_interp"]  # fps low
+    assert fake_trt.builds == len(built) == 6 and not any(s.reused for s in result.stages)
+    assert fake_trt.last_flags == 1 << 1  # STRONGLY_TYPED, nothing else
+    manifest = EngineManifest.read(out)
+    entry = manifest.stages["unet_t2v_video"][0]
+    assert entry.key.precision == "fp16" and manifest.stages["movq_encoder"][0].key.precision == "fp32"
+    assert entry.key.compute_capability == "9.0" and entry.key.tensorrt_version == "10.13.0.35"
+    plan = json.loads((out / entry.plan).read_bytes())
+    assert plan["level"] == 3 and plan["pools"] == {"WORKSPACE": 2**30}
+    assert plan["profiles"][0]["sample"] == [[36, 9, 8, 8]] * 3
+    assert (out / "tokenizer").is_dir() and (out / "null_embeddings.safetensors").is_file()
+    assert (out / "timing.cache").is_file()
+    assert any("unet_t2v_video: building (fp16 graph, strongly typed" in m for m in messages)
+
+    messages.clear()
+    again = _build(export_dir, out, fake_trt, messages)
+    assert fake_trt.builds == 6 and all(s.reused for s in again.stages)
+    assert any(m.startswith("unet_t2v_video: reusing") for m in messages)
+
+    # another resolution -> other profiles -> a rebuild of every stage that depends on it
+    _build(export_dir, out, fake_trt, [], resolutions=[Resolution(128, 128)], stages=["unet_t2v_video"])
+    assert fake_trt.builds == 7
+    _build(export_dir, out, fake_trt, [], stages=["unet_t2v_video"], options=BuildOptions(force=True))
+    assert fake_trt.builds == 8
+    # the timing cache saved by one build is what the next one loads
+    assert fake_trt.last_timing_cache == (out / "timing.cache").read_bytes()[:-1]
+
+
+def test_build_for_another_gpu_keeps_both_and_the_backend_refuses_the_stale_one(export_dir, tmp_path, fake_trt):
+    out = tmp_path / "engines"
+    _build(export_dir, out, fake_trt, [], gpu=GPU_B, stages=["movq_encoder"])
+    from kvt.runtime.backends.tensorrt_backend import TensorRTBackend
+
+    with pytest.raises(StalePlanError, match="compute capability 8.6; this machine has TensorRT 10.13.0.35 "
+                                             "on compute capability 9.0"):
+        TensorRTBackend(out, device="cuda", trt=fake_trt, gpu=GPU_A)
+    with pytest.raises(ValueError, match="CUDA devices only"):
+        TensorRTBackend(out, device="cpu", trt=fake_trt, gpu=GPU_A)
+    _build(export_dir, out, fake_trt, [], gpu=GPU_A, stages=["movq_encoder"])
+    assert len(EngineManifest.read(out).stages["movq_encoder"]) == 2
+
+
+def test_parser_errors_name_the_nodes(export_dir, tmp_path, fake_trt):
+    fake_trt.fail_parse = [(12, "/down.0/attn/Softmax", "Softmax", "unsupported axis"), (-1, "", "", "bad graph")]
+    with pytest.raises(OnnxParseError) as info:
+        _build(export_dir, tmp_path / "e", fake_trt, [], stages=["unet_t2v_video"])
+    text = str(info.value)
+    assert "unet_t2v_video.onnx" in text and "node 12 '/down.0/attn/Softmax' (Softmax): unsupported axis" in text
+    assert "the graph: bad graph" in text
+
+
+def test_build_failure_reports_tensorrt_errors(export_dir, tmp_path, fake_trt):
+    fake_trt.fail_build = True
+    with pytest.raises(EngineBuildError, match="could not build stage 'movq_encoder'.*out of fake memory"):
+        _build(export_dir, tmp_path / "e", fake_trt, [], stages=["movq_encoder"])
+
+
+def test_network_io_must_match_the_stage_table(export_dir, tmp_path, fake_trt, monkeypatch):
+    spec = FULL["movq_decoder"]  # build movq_encoder's graph against another stage's contract
+    with pytest.raises(OnnxParseError, match="the network's inputs are \\['image'\\], stage 'movq_decoder' needs"):
+        builder_mod.build_plan(fake_trt, export_dir / "movq_encoder.onnx", spec, spec.profiles, BuildOptions())
+
+
+def test_build_input_errors(export_dir, tmp_path, fake_trt):
+    with pytest.raises(ExportManifestError, match="were not exported"):
+        _build(export_dir, tmp_path / "e", fake_trt, [], stages=["nope"])
+    with pytest.raises(ProfileError, match="outside the export's range"):
+        _build(export_dir, tmp_path / "e", fake_trt, [], resolutions=[Resolution(512, 512)])
+    with pytest.raises(ValueError, match="optimisation level 9"):
+        BuildOptions(optimization_level=9)
+    with pytest.raises(ValueError, match="workspace 0 bytes"):
+        BuildOptions(workspace_bytes=0)
+
+
+# ------------------------------------------------------------------------------------- no TensorRT here
+
+def _has_real_tensorrt() -> bool:
+    try:
+        import_tensorrt()
+        return True
+    except TensorRTUnavailable:
+        return False
+
+
+@pytest.mark.skipif(_has_real_tensorrt(), reason="TensorRT is installed here")
+def test_import_tensorrt_names_the_fix():
+    with pytest.raises(TensorRTUnavailable, match=r"nvcr\.io/nvidia/tensorrt.*pip install tensorrt"):
+        import_tensorrt()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_require_gpu_without_one():
+    with pytest.raises(TensorRTUnavailable, match="TensorRT needs an NVIDIA GPU"):
+        require_gpu()
+
+
+@pytest.mark.skipif(_has_real_tensorrt() and torch.cuda.is_available(), reason="TensorRT and a GPU are here")
+def test_kvt_build_fails_fast_without_tensorrt(export_dir, tmp_path, capsys):
+    import time
+
+    from kvt.engines.cli import EXIT_FAILURE, add_build_parser
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_build_parser(parser.add_subparsers())
+    args = parser.parse_args(["build", "--onnx", str(export_dir), "--out", str(tmp_path / "e"),
+                              "--resolution", "64x64", "--fps", "low"])
+    start = time.perf_counter()
+    assert args.func(args) == EXIT_FAILURE
+    assert time.perf_counter() - start < 5
+    err = capsys.readouterr().err
+    assert "cannot build here" in err and "nvcr.io/nvidia/tensorrt" in err and "pip install tensorrt" in err
+    assert not (tmp_path / "e").exists()  # nothing written before TensorRT is found
+
+
+def test_kvt_build_rejects_bad_flags(tmp_path, capsys):
+    import argparse
+
+    from kvt.engines.cli import EXIT_INVALID, add_build_parser
+
+    parser = argparse.ArgumentParser()
+    add_build_parser(parser.add_subparsers())
+    for flags, message in ((["--resolution", "500x500"], "width 500"), (["--fps", "fast"], "fps mode 'fast'"),
+                           (["--workspace", "much"], "size 'much'"), (["--opt-level", "8"], "level 8")):
+        args = parser.parse_args(["build", "--onnx", str(tmp_path), "--out", str(tmp_path / "e"), *flags])
+        assert args.func(args) == EXIT_INVALID
+        assert message in capsys.readouterr().err
+    args = parser.parse_args(["build", "--onnx", str(tmp_path / "missing"), "--out", str(tmp_path / "e")])
+    assert args.func(args) == EXIT_INVALID
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_kvt_doctor(capsys):
+    import argparse
+
+    from kvt.engines.cli import add_doctor_parser
+
+    parser = argparse.ArgumentParser()
+    add_doctor_parser(parser.add_subparsers())
+    args = parser.parse_args(["doctor"])
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    for word in ("gpu", "nvidia driver", "tensorrt", "onnxruntime", "tritonserver", "backends:", "torch"):
+        assert word in text
+    args = parser.parse_args(["doctor", "--json"])
+    args.func(args)
+    data = json.loads(capsys.readouterr().out)
+    assert set(data["backends"]) == {"torch", "onnxruntime", "tensorrt", "triton"}
+    if not _has_real_tensorrt():
+        assert data["backends"]["tensorrt"].startswith("unavailable: needs TensorRT")
+
+
+# ------------------------------------------------------------------------------------- the runner
+
+def _runner(stage, fake_trt, export_dir, monkeypatch, spec_for_load=None, **kwargs):
+    """An Engine over a plan the fake built from the real tiny ONNX graph; CPU tensors, fake library."""
+    from kvt.engines.runner import Engine
+
+    spec = TINY[stage]
+    built = builder_mod.build_plan(fake_trt, export_dir / f"{stage}.onnx", spec, spec.profiles, BuildOptions())
+    load_spec = spec_for_load or spec
+
+    def output_shape(name, shapes):
+        metas = {t.name: torch.empty(shapes[t.name], dtype=t.dtype.torch, device="meta") for t in load_spec.inputs}
+        return load_spec.shapes(load_spec.bind_dims(metas))[name]
+
+    monkeypatch.setattr(FakeTensorRT, "output_shape", staticmethod(output_shape))
+    return Engine(built.plan, load_spec, "cpu", trt=fake_trt, **kwargs)
+
+
+def test_engine_binds_by_name_reuses_outputs_and_picks_the_profile(export_dir, fake_trt, monkeypatch):
+    engine = _runner("unet_interp", fake_trt, export_dir, monkeypatch)
+    assert len(engine.profile_ranges) == 2 and engine.arena.nbytes == 4096
+    spec = TINY["unet_interp"]
+    small = spec.sample_inputs({"N": 22, "h": 8, "w": 8})
+    out = engine(small)["v"]
+    assert out.shape == (22, 12, 8, 8)
+    assert engine(small)["v"].data_ptr() == out.data_ptr()  # reused per shape
+    large = spec.sample_inputs({"N": 88, "h": 8, "w": 8})
+    assert engine(large)["v"].shape == (88, 12, 8, 8)
+    first, second = engine.engine.contexts
+    assert first.strategy == FakeTensorRT.ExecutionContextAllocationStrategy.USER_MANAGED
+    assert ("profile", 0) in first.calls and ("profile", 1) in second.calls
+    assert second.shapes["sample"] == (88, 20, 8, 8)
+    addresses = {c[1]: c[2] for c in second.calls if c[0] == "address"}
+    assert set(addresses) == set(spec.input_names) | {"v"}
+    assert ("memory", engine.arena.pointer(), 4096) in second.calls
+    assert sum(c[0] == "execute" for c in first.calls) == 2
+    with pytest.raises(Exception, match="outside every optimisation profile|outside the supported range"):
+        engine(spec.sample_inputs({"N": 100, "h": 8, "w": 8}))
+
+
+def test_engine_fresh_outputs_when_not_reused(export_dir, fake_trt, monkeypatch):
+    engine = _runner("movq_encoder", fake_trt, export_dir, monkeypatch, reuse_outputs=False)
+    inputs = TINY["movq_encoder"].sample_inputs({"B": 1, "h": 8, "w": 8})
+    assert engine(inputs)["latent"].data_ptr() != engine(inputs)["latent"].data_ptr()
+
+
+def test_engine_load_errors(export_dir, fake_trt, monkeypatch):
+    from kvt.engines.runner import Engine, EngineError
+
+    with pytest.raises(EngineError, match="could not deserialize the plan.*magic tag mismatch"):
+        Engine(b"not a plan", TINY["movq_encoder"], "cpu", trt=fake_trt)
+    with pytest.raises(EngineError, match="not stage 'movq_decoder'"):
+        _runner("movq_encoder", fake_trt, export_dir, monkeypatch, spec_for_load=TINY["movq_decoder"])
+    engine = _runner("movq_encoder", fake_trt, export_dir, monkeypatch)
+    monkeypatch.setattr(FakeTensorRT, "output_shape", staticmethod(lambda name, shapes: (1, 2, 3)))
+    with pytest.raises(EngineError, match="TensorRT computes output 'latent' as \\(1, 2, 3\\)"):
+        engine(TINY["movq_encoder"].sample_inputs({"B": 1, "h": 8, "w": 8}))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_pipeline_from_engines_checks_assets_then_the_gpu(export_dir, tmp_path, fake_trt):
+    from kvt.runtime.pipeline import KandinskyVideoPipeline
+
+    out = tmp_path / "engines"
+    _build(export_dir, out, fake_trt, [], stages=["movq_encoder"])
+    with pytest.raises(TensorRTUnavailable, match="TensorRT needs an NVIDIA GPU"):
+        KandinskyVideoPipeline.from_engines(out)  # assets found beside the plans, then no GPU
+    import shutil
+
+    shutil.rmtree(out / "tokenizer")
+    with pytest.raises(TensorRTUnavailable):
+        KandinskyVideoPipeline.from_engines(out)  # tokenizer from the export directory instead
+    data = json.loads((out / "manifest.json").read_text())
+    data["onnx_dir"] = str(tmp_path / "gone")
+    (out / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(EngineManifestError, match="asset 'tokenizer' is neither in the engine directory"):
+        KandinskyVideoPipeline.from_engines(out)
+
+
+# ------------------------------------------------------------------------------------- remaining branches
+
+def test_nearest_profile_skips_profiles_that_do_not_contain_the_call():
+    from kvt.engines.profiles import _nearest_profile
+
+    spec = dataclasses.replace(FULL["unet_interp"], extra_profiles=(
+        {"N": Dim(90, 100, 100, 2), "h": Dim(32, 64, 128, 8), "w": Dim(32, 64, 128, 8)},))
+    assert _nearest_profile(spec, {"N": 96, "h": 64, "w": 64}) == 1
+    assert _nearest_profile(spec, {"N": 22, "h": 64, "w": 64}) == 0
+    with pytest.raises(ProfileError, match="outside every profile of the stage table"):
+        _nearest_profile(spec, {"N": 2, "h": 64, "w": 64})
+
+
+def test_opt_value_falls_back_to_all_calls_and_breaks_ties_upward():
+    from collections import Counter
+
+    from kvt.engines.profiles import _opt_value
+
+    assert _opt_value(Counter({4: 3, 5: 9}), Counter()) == 5
+    assert _opt_value(Counter({4: 3, 5: 9}), Counter({4: 1})) == 4
+    assert _opt_value(Counter({2: 1, 5: 1}), Counter()) == 5
+
+
+def test_input_shapes_leave_static_inputs_out():
+    from kvt.runtime.stages import DType, StageSpec, TensorSpec
+
+    spec = StageSpec("s", "n", inputs=(TensorSpec("a", DType.FP32, ("B", 3)), TensorSpec("fixed", DType.FP32, (2, 3))),
+                     outputs=(), dims={"B": Dim(1, 2, 4)})
+    assert input_shapes(spec, spec.dims) == {"a": ((1, 3), (2, 3), (4, 3))}
+
+
+def test_lookup_in_an_empty_directory_and_failed_atomic_writes(tmp_path, monkeypatch):
+    from kvt.engines import cache as cache_mod
+
+    assert EngineCache(tmp_path / "nothing").lookup(_key()) is None
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cache_mod.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        cache_mod.write_atomic(tmp_path / "x.plan", b"data")
+    assert list(tmp_path.iterdir()) == []  # neither the file nor a temporary one

@@ -1,0 +1,420 @@
+"""Triton serving against a real ``tritonserver`` (the one bundled in nvidia-pytriton) on loopback.
+
+One server per module serves the python-ort repository generated from the reference export (tiny
+preset, FP32). Its videos are compared with the in-process ONNX Runtime pipeline on the same export,
+request and seed; bad requests must get errors that name the value while the server keeps serving; the
+production configs (tensorrt_plan, onnxruntime_onnx) are parsed with Triton's model-config protobuf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.triton
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("tritonclient.http")
+pytest.importorskip("tritonclient.grpc")
+
+from kvt.runtime.pipeline import KandinskyVideoPipeline  # noqa: E402
+from kvt.runtime.request import GenerationRequest  # noqa: E402
+from kvt.triton_models import configs  # noqa: E402
+from kvt.triton_models.client import TritonRequestError, TritonVideoClient, total_steps  # noqa: E402
+from kvt.triton_models.repository import RepositoryError, build_repository  # noqa: E402
+from kvt.triton_models.server import ServerError, TritonServer, find_bundled_triton  # noqa: E402
+
+STEPS = dict(key_frame_steps=3, base_frame_steps=3, interpolation_steps=2)
+
+
+def _request(prompt: str = "a red fox in the snow", **kwargs) -> GenerationRequest:
+    return GenerationRequest(prompt, **{"width": 64, "height": 64, "seed": 7, **STEPS, **kwargs})
+
+
+def _image(width: int = 96, height: int = 80) -> Image.Image:
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 255 // width, y * 255 // height, (x + y) % 256], axis=-1).astype(np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+def assert_frames_match(served: np.ndarray, local: np.ndarray) -> None:
+    """Same frames: exact, or within one uint8 level on a tiny fraction of the values."""
+    assert served.dtype == np.uint8 and served.shape == local.shape
+    diff = np.abs(served.astype(np.int16) - local.astype(np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (int(diff.max()), float((diff > 0).mean()))
+
+
+# ------------------------------------------------------------------------------------ fixtures
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory, reference_export_fp32) -> Path:
+    out = tmp_path_factory.mktemp("triton") / "repo"
+    return build_repository(out, reference_export_fp32, options=configs.RepositoryOptions(configs.PYTHON_ORT))
+
+
+@pytest.fixture(scope="module")
+def server(repository):
+    try:
+        find_bundled_triton()
+    except ServerError as exc:
+        pytest.skip(f"no tritonserver binary: {exc}")
+    triton = TritonServer(repository)
+    triton.start()
+    yield triton
+    triton.stop()
+
+
+@pytest.fixture(scope="module")
+def pipeline(reference_export_fp32) -> KandinskyVideoPipeline:
+    return KandinskyVideoPipeline.from_onnx(reference_export_fp32, device="cpu")
+
+
+def _client(server: TritonServer, protocol: str) -> TritonVideoClient:
+    return TritonVideoClient(server.http_url if protocol == "http" else server.grpc_url, protocol, timeout=120)
+
+
+# ------------------------------------------------------------------------------------ serving
+
+def test_text_to_video_matches_in_process(server, pipeline):
+    request = _request()
+    with _client(server, "http") as client:
+        video = client.generate(request)
+    local = pipeline.generate(request, progress=False)
+    assert video.frames.shape == (12, 64, 64, 3)
+    assert video.seed == 7 and video.prompt_tokens == local.prompt_tokens and not video.prompt_truncated
+    assert video.timings["server_total"] > 0
+    assert_frames_match(video.frames, local.frames)
+
+
+def test_image_to_video_matches_in_process(server, pipeline):
+    request = _request("a boat on a lake", image=_image(), motion="high", guidance_weight_image=3.3,
+                       guidance_weight_prompt=6.7, interpolation_guidance_scale=0.3, seed=21)
+    with _client(server, "grpc") as client:
+        video = client.generate(request)
+    assert_frames_match(video.frames, pipeline.generate(request, progress=False).frames)
+
+
+def test_streaming_reports_every_step(server, pipeline):
+    request = _request("a city at night", fps="medium", seed=5)
+    steps = []
+    with _client(server, "grpc") as client:
+        video = client.generate(request, progress=steps.append)
+    assert len(steps) == total_steps(request) == 3 + 3 + 2
+    assert [s.stage for s in steps] == ["key_frame"] * 3 + ["base_frames"] * 3 + ["interpolation"] * 2
+    assert [s.done for s in steps] == list(range(1, len(steps) + 1))
+    assert video.frames.shape == (45, 64, 64, 3)
+    assert_frames_match(video.frames, pipeline.generate(request, progress=False).frames)
+    with _client(server, "grpc") as client:  # a refused streamed request ends the stream with the error
+        with pytest.raises(TritonRequestError, match="fps='ultra' is not allowed"):
+            client.generate(_request(fps="ultra"), progress=steps.append)
+
+
+def test_server_picks_and_returns_a_seed(server, pipeline):
+    request = _request(seed=None)
+    with _client(server, "http") as client:
+        video = client.generate(request)
+    assert_frames_match(video.frames, pipeline.generate(request.with_seed(video.seed), progress=False).frames)
+
+
+def test_text_encoding_ensemble(server, pipeline):
+    with _client(server, "http") as client:
+        encoded = client.encode_text("a red fox in the snow")
+    local = pipeline.encode_prompt("a red fox in the snow")
+    np.testing.assert_allclose(encoded["context"], local.context.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(encoded["attention_mask"], local.mask.numpy().astype(np.int32))
+    assert float(encoded["context_len"].reshape(-1)[0]) == local.length
+
+
+def test_concurrent_clients_get_their_own_videos(server, pipeline):
+    seeds = [101, 102, 103, 104, 105]
+    results: dict[int, np.ndarray] = {}
+    errors: list[BaseException] = []
+
+    def work(index: int, seed: int) -> None:
+        try:
+            with _client(server, "grpc" if index % 2 else "http") as client:
+                results[seed] = client.generate(_request(f"scene number {index}", seed=seed)).frames
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i, s)) for i, s in enumerate(seeds)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    assert sorted(results) == seeds
+    for index, seed in enumerate(seeds):
+        local = pipeline.generate(_request(f"scene number {index}", seed=seed), progress=False).frames
+        assert_frames_match(results[seed], local)
+    for a in seeds:
+        for b in seeds:
+            if a < b:
+                assert not np.array_equal(results[a], results[b]), (a, b)
+
+
+@pytest.mark.parametrize("arrays,expected", [
+    ({"WIDTH": np.array([100], np.int32)}, ["width=100", "multiple of 64"]),
+    ({"HEIGHT": np.array([1024], np.int32)}, ["height=1024", "[64, 256]"]),
+    ({"FPS": np.array([b"ultra"], np.object_)}, ["fps='ultra'", "'low', 'medium', 'high'"]),
+    ({"MOTION": np.array([b"wild"], np.object_)}, ["motion='wild'", "extreme"]),
+    ({"PROMPT": None}, ["PROMPT", "required"]),
+    ({"PROMPT": np.array([b"   "], np.object_)}, ["prompt=", "non-empty"]),
+    ({"WIDTH": np.array([64.0], np.float32)}, ["WIDTH", "INT32"]),
+    ({"KEY_FRAME_STEPS": np.array([0], np.int32)}, ["key_frame_steps=0", "[1, 1000]"]),
+    ({"GUIDANCE_WEIGHT_PROMPT": np.array([np.nan])}, ["guidance_weight_prompt=nan", "finite"]),
+    ({"GUIDANCE_WEIGHT_PROMPT": np.array([5.0], np.float32)}, ["GUIDANCE_WEIGHT_PROMPT", "FP64"]),
+    ({"SEED": np.array([3, 4], np.int64)}, ["SEED", "Expected [1], got [2]"]),
+    ({"IMAGE": np.zeros((32, 32, 3), np.uint8)}, ["image=", "at least the output size 64x64"]),
+])
+def test_bad_request_gets_a_clear_error_and_the_server_keeps_serving(server, arrays, expected):
+    from kvt.triton_models.protocol import request_to_arrays
+
+    base = request_to_arrays(_request(seed=1, key_frame_steps=1, base_frame_steps=1))
+    sent = {k: v for k, v in {**base, **arrays}.items() if v is not None}
+    with _client(server, "http") as client:
+        with pytest.raises(TritonRequestError) as caught:
+            client.infer_arrays(sent)
+        for part in expected:
+            assert part in str(caught.value), str(caught.value)
+        assert server.is_alive()
+        assert client.infer_arrays(base)["FRAMES"].shape == (12, 64, 64, 3)  # still serving
+
+
+def test_generate_via_triton_writes_the_video(server, tmp_path, capsys):
+    import imageio.v3 as iio
+
+    from kvt.triton_models.cli import generate_via_triton
+
+    out = generate_via_triton(server.grpc_url, "grpc", _request(seed=3), tmp_path / "fox.gif", progress=True)
+    assert out == tmp_path / "fox.gif" and iio.imread(out, index=None).shape[0] == 12
+    err = capsys.readouterr().err
+    assert "base_frames step 3/3" in err and "seed 3" in err
+    with pytest.raises(TritonRequestError, match="no ready Triton server"):
+        generate_via_triton("127.0.0.1:9", "http", _request(), tmp_path / "x.gif", progress=False)
+    assert not (tmp_path / "x.gif").exists()
+
+
+def test_zz_shutdown_is_clean(server):
+    """Runs last in this module: the server stops on SIGTERM and leaves nothing in /dev/shm."""
+    assert server.is_alive()
+    code = server.stop()
+    assert code == 0, server.log_tail()
+    assert not server.is_alive() and server.shm_leftovers() == []
+
+
+# ------------------------------------------------------------------------------------ repositories
+
+def test_protocol_covers_every_request_knob():
+    from kvt.triton_models.protocol import arrays_to_request, request_to_arrays, uncovered_request_fields
+
+    assert uncovered_request_fields() == set()
+    request = _request("round trip", image=_image(), fps="high", motion="extreme", key_frame_guidance_scale=4.1,
+                       guidance_weight_prompt=6.7, guidance_weight_image=0.3, interpolation_guidance_scale=0.7,
+                       noise_augmentation=30, seed=2**40, key_frame_steps=9, base_frame_steps=8,
+                       interpolation_steps=7)
+    back = arrays_to_request(request_to_arrays(request), (64, 64))
+    assert back.image.size == request.image.size and np.array_equal(np.asarray(back.image), np.asarray(request.image))
+    assert {**vars(back), "image": None} == {**vars(request), "image": None}
+
+
+def _parse(path: Path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+# Rows of independent requests may be batched (max of the table's first dim); the others may not.
+MAX_BATCH = {"text_encoder": 4, "unet_t2v_image": 8, "unet_t2v_video": 72, "movq_encoder": 4,
+             "unet_interp": 0, "movq_decoder": 0, "video_movq_decoder": 0}
+
+
+def _check_stage_configs(repo: Path, table, max_batch: dict[str, int] | None = None) -> None:
+    expected = {**MAX_BATCH, **(max_batch or {})}
+    for spec in table:
+        config = _parse(repo / spec.name / "config.pbtxt")
+        batched = expected[spec.name] > 0
+        assert config.name == spec.name
+        assert config.max_batch_size == expected[spec.name]
+        for tensors, declared in ((spec.inputs, config.input), (spec.outputs, config.output)):
+            assert [t.name for t in declared] == [t.name for t in tensors]
+            for t, d in zip(tensors, declared):
+                want = [e if isinstance(e, int) else -1 for e in t.shape][1 if batched else 0:] or [1]
+                assert list(d.dims) == want and model_config_name(d.data_type) == t.dtype.triton
+                assert d.HasField("reshape") == (batched and len(t.shape) == 1)
+        assert config.HasField("dynamic_batching") == batched
+
+
+def model_config_name(value: int) -> str:
+    from tritonclient.grpc import model_config_pb2
+
+    return model_config_pb2.DataType.Name(value)
+
+
+def test_python_ort_configs_parse(repository, reference_export_fp32):
+    from kvt.export.manifest import ExportManifest
+
+    table = ExportManifest.read(reference_export_fp32).stage_table()
+    _check_stage_configs(repository, table)
+    for name in (configs.TOKENIZER_MODEL, configs.TEXT_ENCODING_MODEL, configs.ORCHESTRATOR_MODEL,
+                 configs.STREAM_MODEL):
+        config = _parse(repository / name / "config.pbtxt")
+        assert config.name == name
+    assert _parse(repository / configs.STREAM_MODEL / "config.pbtxt").model_transaction_policy.decoupled
+    assert (repository / configs.ORCHESTRATOR_MODEL / "1" / "null_embeddings.safetensors").is_file()
+    assert (repository / configs.ORCHESTRATOR_MODEL / "1" / "tokenizer" / "spiece.model").is_file()
+
+
+def test_onnxruntime_repository(tmp_path, reference_export_fp32):
+    from kvt.export.manifest import ExportManifest
+
+    table = ExportManifest.read(reference_export_fp32).stage_table()
+    options = configs.RepositoryOptions(configs.ONNXRUNTIME, placements={
+        "unet_t2v_video": configs.Placement(2, (0, 1)), "video_movq_decoder": configs.Placement(1, (2,))})
+    repo = build_repository(tmp_path / "repo", reference_export_fp32, options=options)
+    _check_stage_configs(repo, table)
+    video = _parse(repo / "unet_t2v_video" / "config.pbtxt")
+    assert video.platform == "onnxruntime_onnx" and video.default_model_filename == "model.onnx"
+    group = video.instance_group[0]
+    assert group.count == 2 and list(group.gpus) == [0, 1] and group.kind == group.KIND_GPU
+    assert list(_parse(repo / "video_movq_decoder" / "config.pbtxt").instance_group[0].gpus) == [2]
+    warmup = video.model_warmup[0]
+    assert warmup.batch_size == 36 and list(warmup.inputs["sample"].dims) == [9, 8, 8]
+    assert not (repo / "unet_t2v_video" / "1" / "model.py").exists()
+    assert (repo / "unet_t2v_video" / "1" / "model.onnx").is_file()
+    orchestrator = _parse(repo / configs.ORCHESTRATOR_MODEL / "config.pbtxt")
+    assert orchestrator.parameters["device"].string_value == "cuda"
+
+
+def _fake_engines(directory: Path, export: Path, table, ccs: list[str], versions: list[str],
+                  profiles: dict | None = None) -> Path:
+    from kvt.engines.manifest import BuildKey, EngineManifest, PlanEntry
+
+    manifest = EngineManifest(onnx_dir=str(export), onnx_manifest={})
+    for spec in table:
+        entries = []
+        for cc in ccs:
+            for version in versions:
+                plan = Path(spec.name) / f"{cc}-{version}.plan"
+                (directory / plan).parent.mkdir(parents=True, exist_ok=True)
+                (directory / plan).write_bytes(f"{spec.name} {cc} {version}".encode())
+                key = BuildKey(spec.name, "0" * 64, (profiles or {}).get(spec.name, ()), "fp16", version, cc)
+                entries.append(PlanEntry(str(plan), key, 10, "0" * 64))
+        manifest.stages[spec.name] = entries
+    manifest.write(directory)
+    return directory
+
+
+def test_tensorrt_repository_places_plans_per_gpu_arch(tmp_path, reference_export_fp32):
+    from kvt.export.manifest import ExportManifest
+
+    table = ExportManifest.read(reference_export_fp32).stage_table()
+    engines = _fake_engines(tmp_path / "engines", reference_export_fp32, table, ["8.9", "9.0"], ["10.3", "10.7"])
+    options = configs.RepositoryOptions(configs.TENSORRT)
+    with pytest.raises(RepositoryError, match="--tensorrt-version"):
+        build_repository(tmp_path / "repo", engines_dir=engines, options=options)
+    assert not (tmp_path / "repo").exists() and not list(tmp_path.glob(".repo*"))
+    with pytest.raises(RepositoryError, match="built with: \\['10.3', '10.7'\\]"):
+        build_repository(tmp_path / "repo", engines_dir=engines, options=options, tensorrt_version="8.6")
+    repo = build_repository(tmp_path / "repo", engines_dir=engines, options=options, tensorrt_version="10.7")
+    _check_stage_configs(repo, table)
+    config = _parse(repo / "unet_interp" / "config.pbtxt")
+    assert config.platform == "tensorrt_plan"
+    assert dict(config.cc_model_filenames) == {"8.9": "model_8.9.plan", "9.0": "model_9.0.plan"}
+    assert (repo / "unet_interp" / "1" / "model_9.0.plan").read_bytes() == b"unet_interp 9.0 10.7"
+
+    # Plans built for one request's batch (`kvt build --batch-range requests`) cap Triton's batching.
+    one_request = {"unet_t2v_video": ((("N", 36, 36, 36), ("h", 8, 8, 8), ("w", 8, 8, 8)),),
+                   "text_encoder": ((("B", 1, 1, 1),),)}
+    single = _fake_engines(tmp_path / "single", reference_export_fp32, table, ["9.0"], ["10.7"], one_request)
+    repo = build_repository(tmp_path / "repo1", engines_dir=single, options=options)
+    # A plan whose batch range starts above 1 (the video U-Net: 36 rows) keeps its batch in dims.
+    _check_stage_configs(repo, table, {"unet_t2v_video": 0, "text_encoder": 1})
+    config = _parse(repo / "text_encoder" / "config.pbtxt")
+    assert config.default_model_filename == "model.plan" and not config.cc_model_filenames
+    with pytest.raises(RepositoryError, match="already exists"):
+        build_repository(tmp_path / "repo1", engines_dir=single, options=options)
+
+
+def test_triton_repo_cli(tmp_path, reference_export_fp32, capsys):
+    from kvt.triton_models.cli import EXIT_INVALID, EXIT_OK, add_triton_repo_parser
+
+    parser = argparse.ArgumentParser(prog="kvt")
+    add_triton_repo_parser(parser.add_subparsers(dest="command", required=True))
+
+    def run(*argv: str) -> int:
+        args = parser.parse_args(["triton-repo", *argv])
+        return args.func(args)
+
+    out = tmp_path / "repo"
+    assert run("--out", str(out), "--backend", "python-ort", "--onnx", str(reference_export_fp32)) == EXIT_OK
+    assert (out / configs.ORCHESTRATOR_MODEL / "config.pbtxt").is_file()
+    assert run("--out", str(out), "--backend", "python-ort", "--onnx", str(reference_export_fp32)) == EXIT_INVALID
+    assert "already exists" in capsys.readouterr().err
+    assert run("--out", str(tmp_path / "r2"), "--backend", "onnxruntime", "--onnx", str(reference_export_fp32),
+               "--instances", "unet=2") == EXIT_INVALID
+    assert "unknown model 'unet'" in capsys.readouterr().err
+    assert run("--out", str(tmp_path / "r3"), "--backend", "tensorrt") == EXIT_INVALID
+    assert "--engines" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()
+
+
+class _FakeUtils:
+    """The parts of triton_python_backend_utils the python-ort stage model uses (no server)."""
+
+    class Tensor:
+        def __init__(self, name, array):
+            self.name, self._array = name, np.asarray(array)
+
+        def as_numpy(self):
+            return self._array
+
+    class TritonError(Exception):
+        pass
+
+    class InferenceResponse:
+        def __init__(self, output_tensors=(), error=None):
+            self.outputs = {t.name: t.as_numpy() for t in output_tensors}
+            self.error = error
+
+    @staticmethod
+    def get_input_tensor_by_name(request, name):
+        return request.get(name)
+
+
+def test_python_ort_stage_model_merges_batched_requests(repository, pipeline, monkeypatch):
+    """Requests the dynamic batcher delivers together run as one session call and are split again;
+    each gets what the in-process backend computes for it alone."""
+    import sys
+
+    import torch
+    from google.protobuf import json_format
+
+    from kvt.triton_models import stage_model
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _FakeUtils)
+    spec = pipeline.table["unet_t2v_image"]
+    config = json_format.MessageToDict(_parse(repository / spec.name / "config.pbtxt"),
+                                       preserving_proto_field_name=True)
+    model = stage_model.TritonPythonModel()
+    model.initialize({"model_config": json.dumps(config), "model_repository": str(repository / spec.name),
+                      "model_version": "1"})
+    unsqueezed = configs.unsqueezed_inputs(spec)
+    calls = [spec.sample_inputs({"N": 2, "h": 16, "w": 16}, seed=seed) for seed in (1, 2, 3)]
+    wire = [{name: _FakeUtils.Tensor(name, (t[:, None] if name in unsqueezed else t).numpy())
+             for name, t in inputs.items()} for inputs in calls]
+    responses = model.execute(wire)
+    assert len(responses) == 3 and all(r.error is None for r in responses)
+    for inputs, response in zip(calls, responses):
+        local = pipeline.backend.run(spec.name, inputs)["eps"]
+        torch.testing.assert_close(torch.from_numpy(response.outputs["eps"]), local, rtol=1e-4, atol=1e-5)
+    bad = dict(wire[0], sample=_FakeUtils.Tensor("sample", np.zeros((2, 3, 16, 16), np.float32)))
+    responses = model.execute([bad, wire[1]])  # one bad request does not fail its neighbour
+    assert responses[0].error is not None and responses[1].error is None
