@@ -16,7 +16,6 @@ repository generator) read stage I/O from here or from the stage table it rebuil
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import uuid
@@ -24,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..models.weight_files import sha256_file  # noqa: F401  (re-exported: export.source uses it)
 from ..runtime.stages import ModelDims, ResolutionRange, StageSpec, StageTable, build_stage_table
 
 FORMAT = "kvt-onnx-export"
@@ -37,12 +37,6 @@ class ExportManifestError(ValueError):
     """An export directory is missing, incomplete, corrupted or of another format."""
 
 
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -40,8 +40,8 @@ from .random_weights import random_null_embeddings, randomize_network_
 from .presets import TEXT_ENCODER_FOLDER, Preset
 from .text_encoder import PROJECTION_HEADS, TINY_TOKENIZER_DIR, PromptTokenizer, TextEncoder
 from .weight_files import (
-    SAFETENSORS_SUFFIX, WEIGHTS_MANIFEST, WeightFileError, flatten, read_safetensors, safetensors_name,
-    unflatten, verify_weights_manifest, weight_file, write_safetensors, write_weights_manifest,
+    SAFETENSORS_SUFFIX, WeightFileError, read_safetensors, safetensors_name, unflatten,
+    verify_weights_manifest, weight_file, write_weights_manifest,
 )
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,10 @@
-"""Model presets: ``full`` (the released Kandinsky Video 1.1 sizes) and ``tiny`` (the reference sizes).
+"""Model presets: ``full`` (the released Kandinsky Video 1.1 sizes), ``tiny`` (the reference sizes)
+and ``small`` (a mid-size for CPU benchmarks).
 
 ``full`` follows ../shared/spec (unet_t2v.md, unet_interpolation.md, movq.md, text_encoder.md);
 ``tiny`` is the configuration of the golden reference data, small enough to run end to end on a CPU in
-seconds. A preset is a complete description: network configs, the T5 encoder architecture, and the
-default output size.
+seconds; ``small`` keeps the full layout and 128-token context at 1/12 of the U-Net width. A preset
+is a complete description: network configs, the T5 encoder architecture, and the default output size.
 """
 
 from __future__ import annotations
@@ -67,6 +68,14 @@ def _video_movq(image: MoVQConfig, ch_mult: tuple[int, ...]) -> MoVQConfig:
     )
 
 
+def _t5_encoder(**sizes: int) -> dict:
+    """T5Config kwargs of a Flan-UL2-style encoder (gated-SiLU, untied, relative positions) of these sizes."""
+    return dict(**sizes, feed_forward_proj="gated-silu", relative_attention_num_buckets=32,
+                relative_attention_max_distance=128, layer_norm_epsilon=1e-6, dropout_rate=0.0,
+                tie_word_embeddings=False, is_encoder_decoder=False, pad_token_id=0, eos_token_id=1,
+                decoder_start_token_id=0)
+
+
 _FULL_IMAGE_MOVQ = MoVQConfig(
     ch=256, out_ch=3, num_res_blocks=2, attn_resolutions=(32,), in_channels=3, resolution=256,
     z_channels=4, ch_mult=(1, 2, 2, 4), dropout=0.0, double_z=False,
@@ -80,13 +89,8 @@ FULL = Preset(
         _FULL_IMAGE_MOVQ,
         _video_movq(_FULL_IMAGE_MOVQ, (1, 2, 2, 4)),
     ),
-    t5=dict(  # google/flan-ul2 encoder
-        vocab_size=32128, d_model=4096, d_kv=256, d_ff=16384, num_layers=32, num_heads=16,
-        feed_forward_proj="gated-silu", relative_attention_num_buckets=32,
-        relative_attention_max_distance=128, layer_norm_epsilon=1e-6, dropout_rate=0.0,
-        tie_word_embeddings=False, is_encoder_decoder=False, pad_token_id=0, eos_token_id=1,
-        decoder_start_token_id=0,
-    ),
+    t5=_t5_encoder(  # google/flan-ul2 encoder
+        vocab_size=32128, d_model=4096, d_kv=256, d_ff=16384, num_layers=32, num_heads=16),
     default_width=512,
     default_height=512,
     description="released Kandinsky Video 1.1 sizes (t2v U-Net 4.15B, interpolation U-Net 3.98B, "
@@ -106,20 +110,35 @@ TINY = Preset(
         _TINY_IMAGE_MOVQ,
         _video_movq(_TINY_IMAGE_MOVQ, (1, 1, 1, 1)),
     ),
-    t5=dict(
-        vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        feed_forward_proj="gated-silu", relative_attention_num_buckets=32,
-        relative_attention_max_distance=128, layer_norm_epsilon=1e-6, dropout_rate=0.0,
-        tie_word_embeddings=False, is_encoder_decoder=False, pad_token_id=0, eos_token_id=1,
-        decoder_start_token_id=0,
-    ),
+    t5=_t5_encoder(vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4),
     default_width=64,
     default_height=64,
     description="reference-data sizes (under 4 MB per network); runs end to end on a CPU in seconds",
     resolution=(64, 64, 256),
 )
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (FULL, TINY)}
+_SMALL_IMAGE_MOVQ = MoVQConfig(
+    ch=32, out_ch=3, num_res_blocks=1, attn_resolutions=(32,), in_channels=3, resolution=256,
+    z_channels=4, ch_mult=(1, 2, 2, 4), dropout=0.0, double_z=False,
+)
+
+SMALL = Preset(
+    name="small",
+    config=_config(
+        _unet_skeleton(32, 16, 128, 256, 8, 16, (1, 2, 4, 8)),
+        TextEncoderConfig(weights_path=TEXT_ENCODER_FOLDER, tokens_length=128, context_dim=256),
+        _SMALL_IMAGE_MOVQ,
+        _video_movq(_SMALL_IMAGE_MOVQ, (1, 2, 2, 4)),
+    ),
+    t5=_t5_encoder(vocab_size=256, d_model=256, d_kv=32, d_ff=1024, num_layers=4, num_heads=8),
+    default_width=128,
+    default_height=128,
+    description="mid-size benchmark preset (full layout and 128-token context, about 1/12 the U-Net "
+                "width); CPU benchmark figures between tiny and full",
+    resolution=(64, 128, 256),
+)
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (FULL, TINY, SMALL)}
 
 
 def preset_for_config(config: KandinskyVideoConfig) -> Preset | None:

@@ -368,12 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_build_parser(sub)
     add_triton_repo_parser(sub)
     add_doctor_parser(sub)
-    try:
-        from ..benchmarks.cli import add_bench_parser
-    except ImportError:  # the benchmarks package ships with the source tree, not every install
-        pass
-    else:
-        add_bench_parser(sub)
+    from ..benchmarks.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -393,12 +390,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..engines.manifest import EngineManifestError
     from ..engines.runner import EngineError
     from ..engines.trt_env import TensorRTUnavailable
-    from ..triton_models.client import TritonRequestError
+    from ..triton_models.client import TritonInvalidRequest, TritonRequestError
 
     try:
         return args.func(args)
     except (InvalidRequestError, CheckpointError, ConfigError, ImageInputError, OutputPathError,
-            ExportManifestError, EngineManifestError, ProviderError, UsageError) as exc:
+            ExportManifestError, EngineManifestError, ProviderError, UsageError, TritonInvalidRequest) as exc:
         _err(f"error: {exc}")
         return EXIT_INVALID
     except (TensorRTUnavailable, EngineError, TritonRequestError) as exc:

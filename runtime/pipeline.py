@@ -224,32 +224,15 @@ class KandinskyVideoPipeline:
         stage the pipeline can call must be exported. The default frame size is the manifest's
         resolution opt (what engines are tuned for). Assets are checked before sessions are built.
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         from ..export.manifest import ExportManifest, ExportManifestError
         from .backends.onnxruntime_backend import OnnxRuntimeBackend
 
         export_dir = Path(export_dir)
         manifest = ExportManifest.read(export_dir)
         table = manifest.stage_table()
-        tokens_length = manifest.model["tokens_length"]
-        tokenizer_dir = export_dir / manifest.assets["tokenizer"]
-        try:
-            tokenizer = PromptTokenizer(tokenizer_dir, tokens_length)
-        except (OSError, ValueError) as exc:
-            raise ExportManifestError(f"{tokenizer_dir}: could not load the tokenizer ({exc})") from None
-        null_path = export_dir / manifest.assets["null_embeddings"]
-        try:
-            nulls = load_file(str(null_path))
-        except (OSError, SafetensorError) as exc:
-            raise ExportManifestError(f"{null_path}: could not read the null embeddings ({exc})") from None
-        for key in ("t2v", "interpolation"):
-            value = nulls.get(key)
-            if value is None or tuple(value.shape) != (table.model.context_dim,):
-                found = "missing" if value is None else f"shape {list(value.shape)}"
-                raise ExportManifestError(f"{null_path}: null embedding {key!r} is {found}, expected "
-                                          f"float32 [{table.model.context_dim}]")
+        tokenizer, nulls = _read_assets(export_dir / manifest.assets["tokenizer"],
+                                        export_dir / manifest.assets["null_embeddings"], table,
+                                        ExportManifestError)
         backend = OnnxRuntimeBackend(export_dir, providers=providers, device=device,
                                      stages=list(table.names), session_options=session_options)
         opt = table.resolution.opt
@@ -265,9 +248,6 @@ class KandinskyVideoPipeline:
         without them) they are read from the export directory the manifest records. Assets are checked
         before any engine is loaded. The default frame size is the export's resolution opt.
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         from ..engines.manifest import EngineManifest, EngineManifestError
         from .backends.tensorrt_backend import TensorRTBackend, stage_table_of
 
@@ -284,22 +264,8 @@ class KandinskyVideoPipeline:
             raise EngineManifestError(f"{engine_dir}: asset {assets[name]!r} is neither in the engine directory "
                                       f"nor in the export {manifest.onnx_dir}; rerun `kvt build`")
 
-        tokenizer_dir = asset("tokenizer")
-        try:
-            tokenizer = PromptTokenizer(tokenizer_dir, table.model.tokens_length)
-        except (OSError, ValueError) as exc:
-            raise EngineManifestError(f"{tokenizer_dir}: could not load the tokenizer ({exc})") from None
-        null_path = asset("null_embeddings")
-        try:
-            nulls = load_file(str(null_path))
-        except (OSError, SafetensorError) as exc:
-            raise EngineManifestError(f"{null_path}: could not read the null embeddings ({exc})") from None
-        for key in ("t2v", "interpolation"):
-            value = nulls.get(key)
-            if value is None or tuple(value.shape) != (table.model.context_dim,):
-                found = "missing" if value is None else f"shape {list(value.shape)}"
-                raise EngineManifestError(f"{null_path}: null embedding {key!r} is {found}, expected "
-                                          f"float32 [{table.model.context_dim}]")
+        tokenizer, nulls = _read_assets(asset("tokenizer"), asset("null_embeddings"), table,
+                                        EngineManifestError)
         # Every stage with a plan is loaded; a stage built for no requested mode (the interpolation U-Net
         # of a build for fps low only) fails when called, naming the stage.
         backend = TensorRTBackend(engine_dir, device=device, cuda_graphs=cuda_graphs)
@@ -582,6 +548,30 @@ class KandinskyVideoPipeline:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         timings[name] = time.perf_counter() - start
+
+
+def _read_assets(tokenizer_dir: Path, null_path: Path, table,
+                 error: type[Exception]) -> tuple[PromptTokenizer, dict[str, torch.Tensor]]:
+    """The tokenizer and null embeddings an export (or engine directory) carries, checked against the
+    stage table; a missing or malformed one raises ``error`` naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tokenizer = PromptTokenizer(tokenizer_dir, table.model.tokens_length)
+    except (OSError, ValueError) as exc:
+        raise error(f"{tokenizer_dir}: could not load the tokenizer ({exc})") from None
+    try:
+        nulls = load_file(str(null_path))
+    except (OSError, SafetensorError) as exc:
+        raise error(f"{null_path}: could not read the null embeddings ({exc})") from None
+    for key in ("t2v", "interpolation"):
+        value = nulls.get(key)
+        if value is None or tuple(value.shape) != (table.model.context_dim,):
+            found = "missing" if value is None else f"shape {list(value.shape)}"
+            raise error(f"{null_path}: null embedding {key!r} is {found}, expected "
+                        f"float32 [{table.model.context_dim}]")
+    return tokenizer, nulls
 
 
 def _with_deadline(callback: StepCallback | None, deadline: float, limit_s: float) -> StepCallback:

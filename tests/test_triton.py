@@ -201,6 +201,36 @@ def test_generate_via_triton_writes_the_video(server, tmp_path, capsys):
     assert not (tmp_path / "x.gif").exists()
 
 
+def test_kvt_generate_on_triton(server, pipeline, tmp_path, capsys):
+    """`kvt generate --triton` writes the same video as the in-process run; a bad value exits 2."""
+    import imageio.v3 as iio
+
+    from kvt.runtime.cli import EXIT_INVALID, EXIT_OK, main
+
+    out = tmp_path / "served.mp4"
+    steps = ["--key-frame-steps", "3", "--base-frame-steps", "3", "--interpolation-steps", "2"]
+    assert main(["generate", "a red fox in the snow", "--out", str(out), "--triton", server.grpc_url,
+                 "--protocol", "grpc", "--seed", "7", *steps]) == EXIT_OK
+    assert "base_frames step 3/3" in capsys.readouterr().err
+    assert iio.imread(out, index=None).shape[:3] == (12, 64, 64)
+    bad = tmp_path / "bad.mp4"
+    assert main(["generate", "a cat", "--out", str(bad), "--triton", server.http_url, "--width", "512",
+                 "--no-progress"]) == EXIT_INVALID
+    assert "width=512 is not allowed" in capsys.readouterr().err
+    assert not bad.exists()
+
+
+def test_triton_benchmark_against_the_real_server(server):
+    """`kvt bench triton`'s sender and concurrency harness, on this module's server."""
+    from kvt.benchmarks.triton_bench import bench_concurrency, tritonclient_sender
+
+    make_sender = tritonclient_sender(server.grpc_url, "grpc", prompt="a fox", seed=7, width=64, height=64,
+                                      fps="low", key_frame_steps=2, base_frame_steps=2, interpolation_steps=1)
+    results = bench_concurrency(make_sender, levels=(1, 2), requests_per_worker=1, warmup=0)
+    assert [(r.concurrency, r.requests) for r in results] == [(1, 1), (2, 2)]
+    assert all(r.latency.median > 0 and r.throughput_rps > 0 for r in results)
+
+
 def test_zz_shutdown_is_clean(server):
     """Runs last in this module: the server stops on SIGTERM and leaves nothing in /dev/shm."""
     assert server.is_alive()
@@ -418,3 +448,4 @@ def test_python_ort_stage_model_merges_batched_requests(repository, pipeline, mo
     bad = dict(wire[0], sample=_FakeUtils.Tensor("sample", np.zeros((2, 3, 16, 16), np.float32)))
     responses = model.execute([bad, wire[1]])  # one bad request does not fail its neighbour
     assert responses[0].error is not None and responses[1].error is None
+

@@ -27,6 +27,15 @@ DEFAULT_TIMEOUT = 3600.0  # seconds; a full-size video takes minutes
 class TritonRequestError(RuntimeError):
     """The server refused or failed a request; the message is the server's."""
 
+    @classmethod
+    def from_message(cls, message: str) -> "TritonRequestError":
+        """The orchestrator prefixes refusals of bad input with ``invalid request:``."""
+        return (TritonInvalidRequest if "invalid request:" in message else cls)(message)
+
+
+class TritonInvalidRequest(TritonRequestError):
+    """The server refused the request's values (nothing ran); the message names the value."""
+
 
 @dataclass(frozen=True)
 class Progress:
@@ -135,7 +144,7 @@ class TritonVideoClient:
             result = self._client.infer(model or self.model, self._inputs(arrays),
                                         outputs=self._outputs(names), **kwargs)
         except self._server_error as exc:
-            raise TritonRequestError(exc.message() or str(exc)) from None
+            raise TritonRequestError.from_message(exc.message() or str(exc)) from None
         return {name: result.as_numpy(name) for name in names}
 
     def generate(self, request: GenerationRequest,
@@ -156,7 +165,8 @@ class TritonVideoClient:
             while True:
                 result, error = replies.get(timeout=self.timeout)
                 if error is not None:
-                    raise TritonRequestError(error.message() if hasattr(error, "message") else str(error))
+                    raise TritonRequestError.from_message(
+                        error.message() if hasattr(error, "message") else str(error))
                 frames = result.as_numpy("FRAMES")
                 if frames is not None:
                     return {name: result.as_numpy(name) for name, _, _ in wire.RESULT_OUTPUTS}

@@ -10,7 +10,6 @@ import importlib.util
 import os
 import time
 
-import triton_python_backend_utils as pb_utils
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _spec = importlib.util.spec_from_file_location("kvt_real_stage_model", os.path.join(_HERE, "real_model.py"))
