@@ -123,6 +123,27 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
+def file_records(directory: Path, include=lambda path: True) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"bytes", "sha256"}}`` for the files under ``directory`` that ``include`` takes."""
+    return {path.relative_to(directory).as_posix(): {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+            for path in sorted(p for p in directory.rglob("*") if p.is_file() and include(p))}
+
+
+def check_file_records(directory: Path, files: Mapping[str, Mapping[str, Any]], listed_in: str,
+                       check_hashes: bool = False) -> None:
+    """Every recorded file exists with its size (and hash); else WeightFileError naming the file."""
+    for name, info in files.items():
+        file = directory / name
+        if not file.is_file():
+            raise WeightFileError(f"{file}: missing (listed in {listed_in})")
+        size = file.stat().st_size
+        if size != info["bytes"]:
+            raise WeightFileError(f"{file}: {size} bytes, {listed_in} records {info['bytes']}: "
+                                  "truncated or replaced")
+        if check_hashes and sha256_file(file) != info["sha256"]:
+            raise WeightFileError(f"{file}: SHA-256 differs from {listed_in}: corrupted or replaced")
+
+
 def write_weights_manifest(directory: Path) -> Path:
     """Record size and SHA-256 of every binary file under ``directory`` (written last, atomically).
 
@@ -130,10 +151,7 @@ def write_weights_manifest(directory: Path) -> Path:
     is parsed and checked strictly when loaded anyway; weight and tokenizer files are binary and would
     otherwise fail late or, worse, load half.
     """
-    files = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix != ".json"):
-        files[path.relative_to(directory).as_posix()] = {"bytes": path.stat().st_size,
-                                                        "sha256": sha256_file(path)}
+    files = file_records(directory, lambda path: path.suffix != ".json")
     target = directory / WEIGHTS_MANIFEST
     tmp = directory / f".{WEIGHTS_MANIFEST}.{uuid.uuid4().hex[:8]}"
     tmp.write_text(json.dumps({"format": _MANIFEST_FORMAT, "version": _MANIFEST_VERSION,
@@ -155,14 +173,5 @@ def verify_weights_manifest(directory: Path, check_hashes: bool = False) -> bool
         files = None
     if not isinstance(files, dict):
         raise WeightFileError(f"{path}: not a {_MANIFEST_FORMAT} manifest (delete it or rewrite the directory)")
-    for name, info in files.items():
-        file = directory / name
-        if not file.is_file():
-            raise WeightFileError(f"{file}: missing (listed in {WEIGHTS_MANIFEST})")
-        size = file.stat().st_size
-        if size != info["bytes"]:
-            raise WeightFileError(f"{file}: {size} bytes, {WEIGHTS_MANIFEST} records {info['bytes']}: "
-                                  "truncated or replaced")
-        if check_hashes and sha256_file(file) != info["sha256"]:
-            raise WeightFileError(f"{file}: SHA-256 differs from {WEIGHTS_MANIFEST}: corrupted or replaced")
+    check_file_records(directory, files, WEIGHTS_MANIFEST, check_hashes)
     return True

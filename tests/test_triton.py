@@ -449,3 +449,20 @@ def test_python_ort_stage_model_merges_batched_requests(repository, pipeline, mo
     responses = model.execute([bad, wire[1]])  # one bad request does not fail its neighbour
     assert responses[0].error is not None and responses[1].error is None
 
+
+
+def test_truncated_repository_file_is_named(tmp_path, reference_export_fp32):
+    from kvt.triton_models.repository import verify_repository
+
+    repo = build_repository(tmp_path / "repo", reference_export_fp32,
+                            options=configs.RepositoryOptions(configs.PYTHON_ORT))
+    record = verify_repository(repo, check_hashes=True)
+    assert "unet_t2v_video/1/model.onnx" in record["files"]
+    config = repo / "unet_t2v_video" / "config.pbtxt"
+    config.write_text(config.read_text() + "\n# tuned by hand\n")  # configs may be edited
+    verify_repository(repo)
+    onnx = repo / "unet_t2v_video" / "1" / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:-100])
+    with pytest.raises(RepositoryError, match=r"unet_t2v_video/1/model.onnx: \d+ bytes, kvt_repository.json "
+                                              r"records \d+: truncated"):
+        verify_repository(repo)

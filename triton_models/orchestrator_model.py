@@ -44,6 +44,9 @@ class TritonPythonModel:
         if device == "cuda":
             device = f"cuda:{args.get('model_instance_device_id', '0')}"
         folder = os.path.join(args["model_repository"], args["model_version"])
+        from .repository import verify_repository
+
+        verify_repository(os.path.dirname(args["model_repository"]))  # a truncated file stops the load
         with open(os.path.join(folder, PIPELINE_FILE)) as handle:
             meta = json.load(handle)
         model = meta["model"]

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..export.manifest import ExportManifest
 from ..models.atomic_io import replace_dir, temporary_dir_beside
+from ..models.weight_files import WeightFileError, check_file_records, file_records
 from . import configs
 from .configs import (BACKENDS, ORCHESTRATOR_MODEL, PYTHON_ORT, STREAM_MODEL, TENSORRT,
                       TEXT_ENCODING_MODEL, TOKENIZER_MODEL, RepositoryOptions)
@@ -174,9 +175,32 @@ def build_repository(out: str | Path, onnx_dir: str | Path | None = None, engine
                   "placements": {k: asdict(v) for k, v in options.placements.items()},
                   "max_batch_size": max_batch,
                   "plans": {s: {cc: p.plan for cc, p in by_cc.items()} for s, by_cc in plans.items()}}
+        # Sizes and hashes for verify_repository; config.pbtxt files are left out (users tune them, and
+        # Triton parses them strictly).
+        record["files"] = file_records(tmp, lambda path: path.name != "config.pbtxt")
         (tmp / REPOSITORY_FILE).write_text(json.dumps(record, indent=1, default=str) + "\n")
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def verify_repository(repo: str | Path, check_hashes: bool = False) -> dict:
+    """Check a generated repository against the sizes (and hashes) ``kvt_repository.json`` records.
+
+    The orchestrator runs this (sizes) when it loads, so a truncated plan, ONNX file or asset stops the
+    server with the file's name rather than serving from a half-copied repository.
+    """
+    repo = Path(repo)
+    path = repo / REPOSITORY_FILE
+    try:
+        record = json.loads(path.read_text())
+        files = record["files"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise RepositoryError(f"{path}: not a kvt repository record ({type(exc).__name__}: {exc})") from None
+    try:
+        check_file_records(repo, files, REPOSITORY_FILE, check_hashes)
+    except WeightFileError as exc:
+        raise RepositoryError(str(exc)) from None
+    return record
