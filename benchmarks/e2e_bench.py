@@ -48,6 +48,9 @@ class TimedBackend(StageBackend):
         self._pending.append((stage, start, time.perf_counter()))
         return out
 
+    def loop_scope(self, stage: str):
+        return self.inner.loop_scope(stage)  # keep the inner backend's loop optimisations
+
     def reset(self) -> None:
         self._pending = []
 

@@ -13,9 +13,10 @@ their outputs:
   and MoVQs, and the prompt re-encoded by every loop that uses it (the official code runs T5 2-4 times
   per video with identical results).
 
-Not done here: hoisting the text-only work (cross-attention K/V projections, AttentionPolling) out of
-the 50-step loops. It is exact (spec deployment.md, optimisation 3) but needs a context cache inside the
-U-Net's Attention modules, i.e. a model change; see benchmarks/RESULTS.md.
+The text-only work of the U-Nets (cross-attention keys/values, attention pooling) is hoisted out of each
+sampler loop (``hoist_text``, via :func:`kvt.models.unet_layers.text_constant` and the backend's
+``loop_scope``): computed at the loop's first step and reused, which is exact. It is off under CUDA
+graphs and torch.compile, where a replayed graph would keep the first request's cached tensors.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from ..models.checkpoints import KandinskyVideoModels
+from ..models.unet_layers import text_constant
 from .backends.torch_backend import TorchBackend
 from .pipeline import KandinskyVideoPipeline, PromptContext, _default_size_for
 from .stages import StageTable
@@ -53,18 +55,26 @@ class FastPathOptions:
     graph_stages: tuple[str, ...] = UNET_STAGES  # the fixed-shape calls of the denoising loops
     compile: bool = False
     compile_mode: str | None = None  # torch.compile mode; None = torch's default
+    # Text-only work (cross-attention K/V, attention pooling) computed once per sampler loop; exact.
+    # None = on unless CUDA graphs or torch.compile are (a captured graph would keep stale K/V).
+    hoist_text: bool | None = None
 
     def resolved(self, device: torch.device) -> "FastPathOptions":
         """The options with every ``None`` replaced by the choice for ``device``."""
         cuda = device.type == "cuda"
         if self.cuda_graphs and not cuda:
             raise ValueError(f"cuda_graphs=True needs a CUDA device, the models are on {device}")
+        graphs = cuda if self.cuda_graphs is None else self.cuda_graphs
+        if self.hoist_text and (graphs or self.compile):
+            raise ValueError("hoist_text=True cannot be combined with CUDA graphs or torch.compile: a captured "
+                             "graph would replay the first request's cached text keys/values")
         return dataclasses.replace(
             self,
             unet_dtype=self.unet_dtype or (torch.float16 if cuda else torch.float32),
             text_encoder_dtype=self.text_encoder_dtype or (torch.bfloat16 if cuda else torch.float32),
             channels_last=cuda if self.channels_last is None else self.channels_last,
-            cuda_graphs=cuda if self.cuda_graphs is None else self.cuda_graphs,
+            cuda_graphs=graphs,
+            hoist_text=(not graphs and not self.compile) if self.hoist_text is None else self.hoist_text,
         )
 
 
@@ -203,6 +213,12 @@ class FastTorchBackend(TorchBackend):
         if graph is None:
             graph = self._graphs[key] = CudaGraphCall(self._eager(stage), inputs, pool=self._pool)
         return graph(inputs)
+
+    def loop_scope(self, stage: str) -> contextlib.AbstractContextManager:
+        """Hoist the text-only work of ``stage``'s U-Net out of the loop (exact; see text_constant)."""
+        if not self.options.hoist_text or stage not in self.modules:
+            return contextlib.nullcontext()
+        return text_constant(self.modules[stage])
 
     @property
     def captured_graphs(self) -> int:

@@ -531,14 +531,16 @@ class KandinskyVideoPipeline:
         """Run ``sampler`` from ``x``: predict (stage call + guidance), draw variance noise, step."""
         if progress is not None:
             progress.stage(stage)
-        for index, t in enumerate(sampler.timesteps):
-            guided = predict(x, t)
-            step_noise = noise.randn(guided.shape, guided.dtype, self.device) if sampler.draws_noise(t) else None
-            x = sampler.step(guided, t, x, step_noise)
-            if progress is not None:
-                progress.update()
-            if callback is not None and callback(StepInfo(stage, index, len(sampler), t, x)) is False:
-                raise GenerationCancelled(stage, index)
+        with self.backend.loop_scope(LOOP_STAGES[stage]):
+            for index, t in enumerate(sampler.timesteps):
+                guided = predict(x, t)
+                step_noise = (noise.randn(guided.shape, guided.dtype, self.device) if sampler.draws_noise(t)
+                              else None)
+                x = sampler.step(guided, t, x, step_noise)
+                if progress is not None:
+                    progress.update()
+                if callback is not None and callback(StepInfo(stage, index, len(sampler), t, x)) is False:
+                    raise GenerationCancelled(stage, index)
         return x
 
     @contextmanager

@@ -8,6 +8,7 @@ server must still be ready and the next request must produce the in-process resu
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import threading
@@ -27,7 +28,8 @@ from kvt.runtime.pipeline import KandinskyVideoPipeline  # noqa: E402
 from kvt.runtime.request import GenerationRequest  # noqa: E402
 from kvt.triton_models import configs  # noqa: E402
 from kvt.triton_models.client import TritonRequestError, TritonVideoClient  # noqa: E402
-from kvt.triton_models.repository import build_repository  # noqa: E402
+from kvt.models.weight_files import file_records  # noqa: E402
+from kvt.triton_models.repository import REPOSITORY_FILE, build_repository  # noqa: E402
 from kvt.triton_models.server import ServerError, TritonServer, find_bundled_triton  # noqa: E402
 
 FAULTY = "unet_t2v_video"
@@ -49,6 +51,12 @@ def repository(tmp_path_factory, reference_export_fp32) -> Path:
     folder = repo / FAULTY / "1"
     (folder / "model.py").rename(folder / "real_model.py")
     shutil.copyfile(Path(__file__).parent / "assets" / "fault_stage_model.py", folder / "model.py")
+    # The orchestrator checks the repository's files against kvt_repository.json when it loads: record
+    # the swapped stage as a generator would have written it.
+    record_path = repo / REPOSITORY_FILE
+    record = json.loads(record_path.read_text())
+    record["files"] = file_records(repo, lambda p: p.name not in ("config.pbtxt", REPOSITORY_FILE))
+    record_path.write_text(json.dumps(record, indent=1))
     return repo
 
 

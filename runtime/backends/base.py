@@ -8,6 +8,7 @@ this one interface, so the denoising loops are written once.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
 from typing import Mapping
 
 import torch
@@ -39,6 +40,12 @@ class StageBackend(ABC):
     @abstractmethod
     def _run(self, stage: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Backend-specific execution; inputs already validated."""
+
+    def loop_scope(self, stage: str) -> AbstractContextManager:
+        """Entered around one sampler loop over ``stage``: every call of the loop gets the same text
+        inputs, which a backend may exploit (the fast torch path hoists text-only work). Default:
+        nothing."""
+        return nullcontext()
 
     def close(self) -> None:
         """Release resources (sessions, engines, connections)."""
