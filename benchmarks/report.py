@@ -7,7 +7,6 @@ copied into RESULTS.md can always be traced back to the run that produced it.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
 import shlex
@@ -18,22 +17,17 @@ from typing import Iterable, Sequence
 
 import torch
 
+from ..models.atomic_io import write_json_atomic as _write_json_atomic
+from ..models.atomic_io import write_text_atomic  # noqa: F401  (used as report.write_text_atomic)
+
 
 def _temporary_beside(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     return path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    tmp = _temporary_beside(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
 def write_json_atomic(path: str | Path, data: object) -> Path:
-    return write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+    return _write_json_atomic(path, data, indent=2)
 
 
 def save_figure_atomic(figure, path: str | Path) -> Path:

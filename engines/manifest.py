@@ -15,11 +15,11 @@ version and never loads another. The Triton repository generator places these pl
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..models.atomic_io import write_json_atomic
 
 FORMAT = "kvt-trt-engines"
 FORMAT_VERSION = 1
@@ -91,11 +91,7 @@ class EngineManifest:
                 "stages": {s: [p.to_dict() for p in plans] for s, plans in self.stages.items()}}
 
     def write(self, directory: str | Path) -> Path:
-        path = Path(directory) / MANIFEST_FILE
-        tmp = path.with_name(f".{MANIFEST_FILE}.{uuid.uuid4().hex[:8]}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        os.replace(tmp, path)
-        return path
+        return write_json_atomic(Path(directory) / MANIFEST_FILE, self.to_dict())
 
     @classmethod
     def read(cls, directory: str | Path) -> "EngineManifest":

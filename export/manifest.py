@@ -17,12 +17,11 @@ repository generator) read stage I/O from here or from the stage table it rebuil
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..models.atomic_io import write_json_atomic
 from ..models.weight_files import sha256_file  # noqa: F401  (re-exported: export.source uses it)
 from ..runtime.stages import ModelDims, ResolutionRange, StageSpec, StageTable, build_stage_table
 
@@ -106,11 +105,7 @@ class ExportManifest:
 
     def write(self, directory: Path) -> Path:
         """Write ``manifest.json`` atomically (temporary name, then rename)."""
-        path = Path(directory) / MANIFEST_FILE
-        tmp = path.with_name(f".{MANIFEST_FILE}.{uuid.uuid4().hex[:8]}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        os.replace(tmp, path)
-        return path
+        return write_json_atomic(Path(directory) / MANIFEST_FILE, self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> "ExportManifest":

@@ -7,6 +7,7 @@ write leaves at most a hidden temporary directory, never a destination that look
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -30,3 +31,17 @@ def replace_dir(tmp: Path, destination: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, destination)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` under a hidden temporary name beside ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json_atomic(path: str | Path, data: object, indent: int = 1) -> Path:
+    return write_text_atomic(path, json.dumps(data, indent=indent, default=str) + "\n")

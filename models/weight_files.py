@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+
+from .atomic_io import write_json_atomic
 
 SAFETENSORS_SUFFIX = ".safetensors"
 NULL_EMBEDDING_KEY = "null_embedding"
@@ -152,12 +152,8 @@ def write_weights_manifest(directory: Path) -> Path:
     otherwise fail late or, worse, load half.
     """
     files = file_records(directory, lambda path: path.suffix != ".json")
-    target = directory / WEIGHTS_MANIFEST
-    tmp = directory / f".{WEIGHTS_MANIFEST}.{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps({"format": _MANIFEST_FORMAT, "version": _MANIFEST_VERSION,
-                               "files": files}, indent=1) + "\n")
-    os.replace(tmp, target)
-    return target
+    return write_json_atomic(directory / WEIGHTS_MANIFEST,
+                             {"format": _MANIFEST_FORMAT, "version": _MANIFEST_VERSION, "files": files})
 
 
 def verify_weights_manifest(directory: Path, check_hashes: bool = False) -> bool:
