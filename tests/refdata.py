@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ def require_reference() -> Path:
     return path
 
 
-@lru_cache(maxsize=None)
+@cache
 def manifest() -> dict[str, Any]:
     path = reference_dir() / "MANIFEST.json"
     if not path.is_file():
@@ -57,7 +57,7 @@ def load_tensors(path: str) -> dict[str, Any]:
     return load_file(str(reference_dir() / path))
 
 
-@lru_cache(maxsize=None)
+@cache
 def stated_tolerances() -> dict[str, float]:
     """The "recommended atol" column of the Tolerances table in the reference README, per case."""
     readme = reference_dir() / "README.md"

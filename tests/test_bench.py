@@ -14,19 +14,25 @@ import time
 import pytest
 import torch
 
-from kvt.benchmarks import cli
 from kvt.benchmarks.e2e_bench import RequestSettings, TimedBackend, compare_outputs, run_e2e
 from kvt.benchmarks.flops import DevicePeak, achieved, count_flops, device_peak, meta_stage_modules, stage_call_flops
 from kvt.benchmarks.memory import PeakMemory
-from kvt.benchmarks.stage_bench import benchmark_calls, bench_stage_calls
+from kvt.benchmarks.stage_bench import bench_stage_calls, benchmark_calls
 from kvt.benchmarks.timing import LatencyStats, measure
 from kvt.benchmarks.triton_bench import bench_concurrency
-from kvt.models.checkpoints import random_models
+from kvt.cli import bench as cli
+from kvt.contract.plan import request_plan
 from kvt.models.presets import get_preset
+from kvt.models.random_weights import random_models
 from kvt.runtime.backends.torch_backend import TorchBackend
-from kvt.runtime.fast_path import (FastPathOptions, FastTorchBackend, OfficialStyleBackend,
-                                   build_baseline_pipeline, build_fast_pipeline, models_with_precision)
-from kvt.runtime.stages import request_plan
+from kvt.runtime.fast_path import (
+    FastPathOptions,
+    FastTorchBackend,
+    OfficialStyleBackend,
+    build_baseline_pipeline,
+    build_fast_pipeline,
+    models_with_precision,
+)
 
 pytestmark = pytest.mark.bench
 

@@ -13,9 +13,11 @@ import torch
 
 import refdata
 from kvt.models import TINY
-from kvt.models.checkpoints import (
-    REQUIRED_FILES, CheckpointError, load_checkpoint_dir, random_models, write_checkpoint_dir,
-)
+from kvt.models.checkpoint_write import write_checkpoint_dir
+from kvt.models.checkpoints import load_checkpoint_dir
+from kvt.models.random_weights import random_models
+from kvt.models.registry import REQUIRED_FILES
+from kvt.models.weight_files import CheckpointError
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import refdata
-from kvt.runtime.cli import EXIT_INVALID, EXIT_OK, main
+from kvt.cli.main import EXIT_INVALID, EXIT_OK, main
 
 FAST = ["--key-frame-steps", "2", "--base-frame-steps", "2", "--interpolation-steps", "2", "--no-progress"]
 

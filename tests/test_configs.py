@@ -6,7 +6,13 @@ import pytest
 
 import refdata
 from kvt.models import (
-    FULL, TINY, ConfigError, KandinskyVideoConfig, MoVQConfig, UNetInterpolationConfig, UNetT2VConfig,
+    FULL,
+    TINY,
+    ConfigError,
+    KandinskyVideoConfig,
+    MoVQConfig,
+    UNetInterpolationConfig,
+    UNetT2VConfig,
     UnsupportedConfigError,
 )
 

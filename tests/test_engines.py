@@ -18,24 +18,8 @@ import onnx
 import pytest
 import torch
 
-from kvt.engines import builder as builder_mod
-from kvt.engines.builder import (
-    BuildOptions,
-    EngineBuildError,
-    OnnxParseError,
-    build_engines,
-)
-from kvt.engines.cache import (
-    EngineCache,
-    PlanIntegrityError,
-    StalePlanError,
-    make_key,
-    onnx_digest,
-)
-from kvt.engines.cli import parse_size
-from kvt.engines.manifest import EngineManifest, EngineManifestError
-from kvt.export.manifest import ExportManifestError
-from kvt.engines.profiles import (
+from kvt.cli.engines import parse_size
+from kvt.contract.profiles import (
     ProfileError,
     Resolution,
     input_shapes,
@@ -45,10 +29,16 @@ from kvt.engines.profiles import (
     request_profiles,
     select_profiles,
 )
-from kvt.engines.runner import choose_profile, torch_dtype
-from kvt.engines.trt_env import GpuInfo, TensorRTUnavailable, import_tensorrt, require_gpu
+from kvt.contract.stages import Dim
+from kvt.engines import builder as builder_mod
+from kvt.engines.builder import BuildOptions, EngineBuildError, OnnxParseError, build_engines
+from kvt.formats.engine_cache import EngineCache, PlanIntegrityError, StalePlanError, make_key, onnx_digest
+from kvt.formats.engine_dir import EngineManifest, EngineManifestError
+from kvt.formats.export_dir import ExportManifestError
 from kvt.models.presets import get_preset
-from kvt.runtime.stages import Dim, stage_table_for
+from kvt.models.stage_modules import stage_table_for
+from kvt.runtime.backends.tensorrt.runner import choose_profile, torch_dtype
+from kvt.runtime.backends.tensorrt.trt_env import GpuInfo, TensorRTUnavailable, import_tensorrt, require_gpu
 
 TINY = stage_table_for(get_preset("tiny").config)  # resolution 64 / 64 / 256
 FULL = stage_table_for(get_preset("full").config)  # resolution 256 / 512 / 1024
@@ -572,7 +562,7 @@ def test_build_then_reuse(export_dir, tmp_path, fake_trt):
 def test_build_for_another_gpu_keeps_both_and_the_backend_refuses_the_stale_one(export_dir, tmp_path, fake_trt):
     out = tmp_path / "engines"
     _build(export_dir, out, fake_trt, [], gpu=GPU_B, stages=["movq_encoder"])
-    from kvt.runtime.backends.tensorrt_backend import TensorRTBackend
+    from kvt.runtime.backends.tensorrt.backend import TensorRTBackend
 
     with pytest.raises(StalePlanError, match="compute capability 8.6; this machine has TensorRT 10.13.0.35 "
                                              "on compute capability 9.0"):
@@ -639,10 +629,10 @@ def test_require_gpu_without_one():
 
 @pytest.mark.skipif(_has_real_tensorrt() and torch.cuda.is_available(), reason="TensorRT and a GPU are here")
 def test_kvt_build_fails_fast_without_tensorrt(export_dir, tmp_path, capsys):
+    import argparse
     import time
 
-    from kvt.engines.cli import EXIT_FAILURE, add_build_parser
-    import argparse
+    from kvt.cli.engines import EXIT_FAILURE, add_build_parser
 
     parser = argparse.ArgumentParser()
     add_build_parser(parser.add_subparsers())
@@ -659,7 +649,7 @@ def test_kvt_build_fails_fast_without_tensorrt(export_dir, tmp_path, capsys):
 def test_kvt_build_rejects_bad_flags(tmp_path, capsys):
     import argparse
 
-    from kvt.engines.cli import EXIT_INVALID, add_build_parser
+    from kvt.cli.engines import EXIT_INVALID, add_build_parser
 
     parser = argparse.ArgumentParser()
     add_build_parser(parser.add_subparsers())
@@ -676,7 +666,7 @@ def test_kvt_build_rejects_bad_flags(tmp_path, capsys):
 def test_kvt_doctor(capsys):
     import argparse
 
-    from kvt.engines.cli import add_doctor_parser
+    from kvt.cli.engines import add_doctor_parser
 
     parser = argparse.ArgumentParser()
     add_doctor_parser(parser.add_subparsers())
@@ -697,7 +687,7 @@ def test_kvt_doctor(capsys):
 
 def _runner(stage, fake_trt, export_dir, monkeypatch, spec_for_load=None, **kwargs):
     """An Engine over a plan the fake built from the real tiny ONNX graph; CPU tensors, fake library."""
-    from kvt.engines.runner import Engine
+    from kvt.runtime.backends.tensorrt.runner import Engine
 
     spec = TINY[stage]
     built = builder_mod.build_plan(fake_trt, export_dir / f"{stage}.onnx", spec, spec.profiles, BuildOptions())
@@ -740,7 +730,7 @@ def test_engine_fresh_outputs_when_not_reused(export_dir, fake_trt, monkeypatch)
 
 
 def test_engine_load_errors(export_dir, fake_trt, monkeypatch):
-    from kvt.engines.runner import Engine, EngineError
+    from kvt.runtime.backends.tensorrt.runner import Engine, EngineError
 
     with pytest.raises(EngineError, match="could not deserialize the plan.*magic tag mismatch"):
         Engine(b"not a plan", TINY["movq_encoder"], "cpu", trt=fake_trt)
@@ -775,7 +765,7 @@ def test_pipeline_from_engines_checks_assets_then_the_gpu(export_dir, tmp_path, 
 # ------------------------------------------------------------------------------------- remaining branches
 
 def test_nearest_profile_skips_profiles_that_do_not_contain_the_call():
-    from kvt.engines.profiles import _nearest_profile
+    from kvt.contract.profiles import _nearest_profile
 
     spec = dataclasses.replace(FULL["unet_interp"], extra_profiles=(
         {"N": Dim(90, 100, 100, 2), "h": Dim(32, 64, 128, 8), "w": Dim(32, 64, 128, 8)},))
@@ -788,7 +778,7 @@ def test_nearest_profile_skips_profiles_that_do_not_contain_the_call():
 def test_opt_value_falls_back_to_all_calls_and_breaks_ties_upward():
     from collections import Counter
 
-    from kvt.engines.profiles import _opt_value
+    from kvt.contract.profiles import _opt_value
 
     assert _opt_value(Counter({4: 3, 5: 9}), Counter()) == 5
     assert _opt_value(Counter({4: 3, 5: 9}), Counter({4: 1})) == 4
@@ -796,7 +786,8 @@ def test_opt_value_falls_back_to_all_calls_and_breaks_ties_upward():
 
 
 def test_input_shapes_leave_static_inputs_out():
-    from kvt.runtime.stages import DType, StageSpec, TensorSpec
+    from kvt.contract.dtypes import DType
+    from kvt.contract.stages import StageSpec, TensorSpec
 
     spec = StageSpec("s", "n", inputs=(TensorSpec("a", DType.FP32, ("B", 3)), TensorSpec("fixed", DType.FP32, (2, 3))),
                      outputs=(), dims={"B": Dim(1, 2, 4)})
@@ -804,7 +795,7 @@ def test_input_shapes_leave_static_inputs_out():
 
 
 def test_lookup_in_an_empty_directory_and_failed_atomic_writes(tmp_path, monkeypatch):
-    from kvt.engines import cache as cache_mod
+    from kvt.formats import engine_cache as cache_mod
 
     assert EngineCache(tmp_path / "nothing").lookup(_key()) is None
 

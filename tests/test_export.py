@@ -16,18 +16,18 @@ import pytest
 import torch
 
 import refdata
+from kvt.cli.main import EXIT_INVALID, EXIT_OK, main
 from kvt.export import attach as attach_module
 from kvt.export import parity as parity_module
 from kvt.export.cleanup import FORBIDDEN_OPS
 from kvt.export.exporter import ExportInputError, ExportOptions, ParityError, export_onnx
 from kvt.export.graph_export import OPSET, ExportError
-from kvt.export.manifest import ExportManifest, ExportManifestError
 from kvt.export.source import ExportSource
+from kvt.formats.export_dir import ExportManifest, ExportManifestError
 from kvt.models import TINY
-from kvt.models.checkpoints import CheckpointError, random_models
-from kvt.runtime.cli import EXIT_INVALID, EXIT_OK, main
-from kvt.runtime.stage_modules import build_stage_modules
-from kvt.runtime.stages import stage_table_for
+from kvt.models.random_weights import random_models
+from kvt.models.stage_modules import build_stage_modules, stage_table_for
+from kvt.models.weight_files import CheckpointError
 
 STAGES = ("text_encoder", "unet_t2v_image", "unet_t2v_video", "unet_interp", "movq_encoder",
           "movq_decoder", "video_movq_decoder")

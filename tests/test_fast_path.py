@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvt.models.checkpoints import random_models
 from kvt.models.presets import TINY
+from kvt.models.random_weights import random_models
 from kvt.models.unet_layers import AttentionBlock, text_constant
 from kvt.runtime.fast_path import FastPathOptions, build_fast_pipeline
 

@@ -17,12 +17,13 @@ import time
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
+from kvt.contract.request import MAX_PROMPT_CHARS, GenerationRequest, InvalidRequestError, validate_request
+from kvt.contract.stages import FPS_FRAMES
 from kvt.runtime.pipeline import GenerationTimeout, KandinskyVideoPipeline
-from kvt.runtime.request import MAX_PROMPT_CHARS, GenerationRequest, InvalidRequestError, validate_request
-from kvt.runtime.stages import FPS_FRAMES
 
 CASES = {"tried": 0, "served": 0, "rejected": 0, "timed_out": 0}
 TIME_LIMIT_S = 5.0  # per request; valid-but-expensive draws (e.g. 96 or 1000 steps) are stopped by it
@@ -169,7 +170,7 @@ def test_each_limit_names_the_value_and_the_limit(field, value, fragment):
 
 def _resolution():
     from kvt.models.presets import TINY
-    from kvt.runtime.stages import stage_table_for
+    from kvt.models.stage_modules import stage_table_for
 
     return stage_table_for(TINY.config).resolution
 

@@ -8,7 +8,7 @@ and the spatial attention norms use the first item's ``zq`` (../shared/spec/movq
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
@@ -32,7 +32,7 @@ def movq_kind(producer: str) -> str:
     return "video" if "(video MoVQ" in producer else "image"
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_movq(kind: str) -> MoVQ:
     ref = refdata.require_reference()
     config = TINY.config.video_movq if kind == "video" else TINY.config.image_movq

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -27,14 +27,13 @@ from recording import RecordingBackend
 
 ort = pytest.importorskip("onnxruntime")
 
-from kvt.export.manifest import (  # noqa: E402
-    MANIFEST_FILE, ExportManifest, ExportManifestError,
-)
-from kvt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend, ProviderError  # noqa: E402
-from kvt.runtime.cli import EXIT_INVALID, EXIT_OK, main  # noqa: E402
-from kvt.runtime.pipeline import KandinskyVideoPipeline  # noqa: E402
-from kvt.runtime.noise import SeededNoise  # noqa: E402
-from kvt.runtime.stages import FPS_FRAMES, INTERPOLATION_PASSES, StageSpec, request_plan  # noqa: E402
+from kvt.cli.main import EXIT_INVALID, EXIT_OK, main
+from kvt.contract.plan import request_plan
+from kvt.contract.stages import FPS_FRAMES, INTERPOLATION_PASSES, StageSpec
+from kvt.formats.export_dir import MANIFEST_FILE, ExportManifest, ExportManifestError
+from kvt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend, ProviderError
+from kvt.runtime.noise import SeededNoise
+from kvt.runtime.pipeline import KandinskyVideoPipeline
 
 STEPS = dict(key_frame_steps=3, base_frame_steps=3, interpolation_steps=2)
 STAGE_RTOL = 1e-4  # max |ort - torch| relative to max |torch|, per stage output
@@ -101,7 +100,7 @@ def _other_dims(spec: StageSpec) -> dict[str, int]:
 
 def _stage_cases() -> list[tuple[str, str]]:
     from kvt.models.presets import get_preset
-    from kvt.runtime.stages import stage_table_for
+    from kvt.models.stage_modules import stage_table_for
 
     names = stage_table_for(get_preset("tiny").config).names
     return [(name, shape) for name in names for shape in ("opt", "other")]
@@ -152,7 +151,7 @@ CASES = {"t2v_low": ("low", False, 0), "t2v_medium": ("medium", False, 1), "t2v_
 def runs(torch_pipe, ort_pipe, photo):
     """Each case generated once with both backends (the ORT one recorded), shared by the tests below."""
 
-    @lru_cache(maxsize=None)
+    @cache
     def run(case: str):
         fps, with_image, seed = CASES[case]
         image = photo if with_image else None

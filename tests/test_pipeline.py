@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from recording import RecordingBackend
+from kvt.contract.plan import request_plan
+from kvt.contract.request import InvalidRequestError
+from kvt.contract.stages import FPS_FRAMES
 from kvt.runtime.pipeline import GenerationCancelled, KandinskyVideoPipeline, StepInfo, interleave
-from kvt.runtime.request import InvalidRequestError
-from kvt.runtime.stages import FPS_FRAMES, request_plan
+from recording import RecordingBackend
 
 FAST = dict(key_frame_steps=3, base_frame_steps=3, interpolation_steps=2, progress=False)
 

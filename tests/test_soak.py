@@ -25,12 +25,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.triton]
 psutil = pytest.importorskip("psutil")
 pytest.importorskip("tritonclient.grpc")
 
-from kvt.runtime.pipeline import KandinskyVideoPipeline  # noqa: E402
-from kvt.runtime.request import GenerationRequest  # noqa: E402
-from kvt.triton_models import configs  # noqa: E402
-from kvt.triton_models.client import TritonVideoClient  # noqa: E402
-from kvt.triton_models.repository import build_repository  # noqa: E402
-from kvt.triton_models.server import ServerError, TritonServer, find_bundled_triton  # noqa: E402
+from kvt.contract.request import GenerationRequest
+from kvt.runtime.pipeline import KandinskyVideoPipeline
+from kvt.serving.client import TritonVideoClient
+from kvt.serving.generator import configs
+from kvt.serving.generator.repository import build_repository
+from kvt.serving.local_server import ServerError, TritonServer, find_bundled_triton
 
 RSS_GROWTH_BOUND_MIB = 64.0
 SEEDS = range(8)

@@ -5,11 +5,10 @@ import itertools
 import pytest
 import torch
 
+from kvt.contract.plan import check_plan_consistency, request_plan, video_decode_chunks
+from kvt.contract.stages import FPS_FRAMES, ModelDims, ResolutionRange, StageInputError, build_stage_table, parse_symbol
 from kvt.models import FULL, TINY
-from kvt.runtime.stages import (
-    FPS_FRAMES, ModelDims, ResolutionRange, StageInputError, build_stage_table, check_plan_consistency,
-    parse_symbol, request_plan, stage_table_for, video_decode_chunks,
-)
+from kvt.models.stage_modules import stage_table_for
 
 STAGES = ("text_encoder", "unet_t2v_image", "unet_t2v_video", "unet_interp", "movq_encoder",
           "movq_decoder", "video_movq_decoder")

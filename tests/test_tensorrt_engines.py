@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvt.engines.trt_env import TensorRTUnavailable, import_tensorrt
+from kvt.runtime.backends.tensorrt.trt_env import TensorRTUnavailable, import_tensorrt
 
 pytestmark = pytest.mark.tensorrt
 
@@ -51,8 +51,8 @@ def _close(name: str, got: torch.Tensor, want: torch.Tensor, precision: str) -> 
 
 @pytest.fixture(scope="module")
 def engines(reference_export_fp16, tmp_path_factory):
+    from kvt.contract.profiles import Resolution
     from kvt.engines.builder import build_engines
-    from kvt.engines.profiles import Resolution
 
     out = tmp_path_factory.mktemp("engines")
     result = build_engines(reference_export_fp16, out, [Resolution(64, 64)], ["low", "high"], report=print)
@@ -61,8 +61,8 @@ def engines(reference_export_fp16, tmp_path_factory):
 
 
 def test_second_build_reuses_every_plan(reference_export_fp16, engines):
+    from kvt.contract.profiles import Resolution
     from kvt.engines.builder import build_engines
-    from kvt.engines.profiles import Resolution
 
     messages: list[str] = []
     again = build_engines(reference_export_fp16, engines, [Resolution(64, 64)], ["low", "high"],
@@ -71,10 +71,10 @@ def test_second_build_reuses_every_plan(reference_export_fp16, engines):
 
 
 def test_every_stage_matches_onnxruntime(reference_export_fp16, engines):
-    from kvt.export.manifest import ExportManifest
+    from kvt.contract.plan import request_plan
+    from kvt.formats.export_dir import ExportManifest
     from kvt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
-    from kvt.runtime.backends.tensorrt_backend import TensorRTBackend
-    from kvt.runtime.stages import request_plan
+    from kvt.runtime.backends.tensorrt.backend import TensorRTBackend
 
     manifest = ExportManifest.read(reference_export_fp16)
     reference = OnnxRuntimeBackend(reference_export_fp16, device="cpu")
@@ -95,7 +95,7 @@ def test_every_stage_matches_onnxruntime(reference_export_fp16, engines):
 
 
 def test_cuda_graph_replay_equals_plain_execution(engines):
-    from kvt.runtime.backends.tensorrt_backend import TensorRTBackend
+    from kvt.runtime.backends.tensorrt.backend import TensorRTBackend
 
     plain = TensorRTBackend(engines, stages=["unet_t2v_video"])
     graphs = TensorRTBackend(engines, stages=["unet_t2v_video"], cuda_graphs=True)
@@ -108,8 +108,8 @@ def test_cuda_graph_replay_equals_plain_execution(engines):
 
 
 def test_pipeline_from_engines_generates(engines):
+    from kvt.contract.request import GenerationRequest
     from kvt.runtime.pipeline import KandinskyVideoPipeline
-    from kvt.runtime.request import GenerationRequest
 
     pipeline = KandinskyVideoPipeline.from_engines(engines)
     request = GenerationRequest(prompt="a red car", width=64, height=64, fps="low", seed=3,

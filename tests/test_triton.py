@@ -23,12 +23,13 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("tritonclient.http")
 pytest.importorskip("tritonclient.grpc")
 
-from kvt.runtime.pipeline import KandinskyVideoPipeline  # noqa: E402
-from kvt.runtime.request import GenerationRequest  # noqa: E402
-from kvt.triton_models import configs  # noqa: E402
-from kvt.triton_models.client import TritonRequestError, TritonVideoClient, total_steps  # noqa: E402
-from kvt.triton_models.repository import RepositoryError, build_repository  # noqa: E402
-from kvt.triton_models.server import ServerError, TritonServer, find_bundled_triton  # noqa: E402
+from kvt.contract.request import GenerationRequest
+from kvt.formats.triton_repo import RepositoryError
+from kvt.runtime.pipeline import KandinskyVideoPipeline
+from kvt.serving.client import TritonRequestError, TritonVideoClient, total_steps
+from kvt.serving.generator import configs
+from kvt.serving.generator.repository import build_repository
+from kvt.serving.local_server import ServerError, TritonServer, find_bundled_triton
 
 STEPS = dict(key_frame_steps=3, base_frame_steps=3, interpolation_steps=2)
 
@@ -174,7 +175,7 @@ def test_concurrent_clients_get_their_own_videos(server, pipeline):
     ({"IMAGE": np.zeros((32, 32, 3), np.uint8)}, ["image=", "at least the output size 64x64"]),
 ])
 def test_bad_request_gets_a_clear_error_and_the_server_keeps_serving(server, arrays, expected):
-    from kvt.triton_models.protocol import request_to_arrays
+    from kvt.serving.protocol import request_to_arrays
 
     base = request_to_arrays(_request(seed=1, key_frame_steps=1, base_frame_steps=1))
     sent = {k: v for k, v in {**base, **arrays}.items() if v is not None}
@@ -190,7 +191,7 @@ def test_bad_request_gets_a_clear_error_and_the_server_keeps_serving(server, arr
 def test_generate_via_triton_writes_the_video(server, tmp_path, capsys):
     import imageio.v3 as iio
 
-    from kvt.triton_models.cli import generate_via_triton
+    from kvt.cli.triton import generate_via_triton
 
     out = generate_via_triton(server.grpc_url, "grpc", _request(seed=3), tmp_path / "fox.gif", progress=True)
     assert out == tmp_path / "fox.gif" and iio.imread(out, index=None).shape[0] == 12
@@ -205,7 +206,7 @@ def test_kvt_generate_on_triton(server, pipeline, tmp_path, capsys):
     """`kvt generate --triton` writes the same video as the in-process run; a bad value exits 2."""
     import imageio.v3 as iio
 
-    from kvt.runtime.cli import EXIT_INVALID, EXIT_OK, main
+    from kvt.cli.main import EXIT_INVALID, EXIT_OK, main
 
     out = tmp_path / "served.mp4"
     steps = ["--key-frame-steps", "3", "--base-frame-steps", "3", "--interpolation-steps", "2"]
@@ -242,7 +243,7 @@ def test_zz_shutdown_is_clean(server):
 # ------------------------------------------------------------------------------------ repositories
 
 def test_protocol_covers_every_request_knob():
-    from kvt.triton_models.protocol import arrays_to_request, request_to_arrays, uncovered_request_fields
+    from kvt.serving.protocol import arrays_to_request, request_to_arrays, uncovered_request_fields
 
     assert uncovered_request_fields() == set()
     request = _request("round trip", image=_image(), fps="high", motion="extreme", key_frame_guidance_scale=4.1,
@@ -289,7 +290,7 @@ def model_config_name(value: int) -> str:
 
 
 def test_python_ort_configs_parse(repository, reference_export_fp32):
-    from kvt.export.manifest import ExportManifest
+    from kvt.formats.export_dir import ExportManifest
 
     table = ExportManifest.read(reference_export_fp32).stage_table()
     _check_stage_configs(repository, table)
@@ -303,7 +304,7 @@ def test_python_ort_configs_parse(repository, reference_export_fp32):
 
 
 def test_onnxruntime_repository(tmp_path, reference_export_fp32):
-    from kvt.export.manifest import ExportManifest
+    from kvt.formats.export_dir import ExportManifest
 
     table = ExportManifest.read(reference_export_fp32).stage_table()
     options = configs.RepositoryOptions(configs.ONNXRUNTIME, placements={
@@ -325,7 +326,7 @@ def test_onnxruntime_repository(tmp_path, reference_export_fp32):
 
 def _fake_engines(directory: Path, export: Path, table, ccs: list[str], versions: list[str],
                   profiles: dict | None = None) -> Path:
-    from kvt.engines.manifest import BuildKey, EngineManifest, PlanEntry
+    from kvt.formats.engine_dir import BuildKey, EngineManifest, PlanEntry
 
     manifest = EngineManifest(onnx_dir=str(export), onnx_manifest={})
     for spec in table:
@@ -343,7 +344,7 @@ def _fake_engines(directory: Path, export: Path, table, ccs: list[str], versions
 
 
 def test_tensorrt_repository_places_plans_per_gpu_arch(tmp_path, reference_export_fp32):
-    from kvt.export.manifest import ExportManifest
+    from kvt.formats.export_dir import ExportManifest
 
     table = ExportManifest.read(reference_export_fp32).stage_table()
     engines = _fake_engines(tmp_path / "engines", reference_export_fp32, table, ["8.9", "9.0"], ["10.3", "10.7"])
@@ -374,7 +375,7 @@ def test_tensorrt_repository_places_plans_per_gpu_arch(tmp_path, reference_expor
 
 
 def test_triton_repo_cli(tmp_path, reference_export_fp32, capsys):
-    from kvt.triton_models.cli import EXIT_INVALID, EXIT_OK, add_triton_repo_parser
+    from kvt.cli.triton import EXIT_INVALID, EXIT_OK, add_triton_repo_parser
 
     parser = argparse.ArgumentParser(prog="kvt")
     add_triton_repo_parser(parser.add_subparsers(dest="command", required=True))
@@ -427,7 +428,7 @@ def test_python_ort_stage_model_merges_batched_requests(repository, pipeline, mo
     import torch
     from google.protobuf import json_format
 
-    from kvt.triton_models import stage_model
+    from kvt.serving.server_models import stage as stage_model
 
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _FakeUtils)
     spec = pipeline.table["unet_t2v_image"]
@@ -452,7 +453,7 @@ def test_python_ort_stage_model_merges_batched_requests(repository, pipeline, mo
 
 
 def test_truncated_repository_file_is_named(tmp_path, reference_export_fp32):
-    from kvt.triton_models.repository import verify_repository
+    from kvt.formats.triton_repo import verify_repository
 
     repo = build_repository(tmp_path / "repo", reference_export_fp32,
                             options=configs.RepositoryOptions(configs.PYTHON_ORT))

@@ -17,20 +17,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 pytestmark = pytest.mark.triton
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("tritonclient.grpc")
 
-from kvt.runtime.pipeline import KandinskyVideoPipeline  # noqa: E402
-from kvt.runtime.request import GenerationRequest  # noqa: E402
-from kvt.triton_models import configs  # noqa: E402
-from kvt.triton_models.client import TritonRequestError, TritonVideoClient  # noqa: E402
-from kvt.models.weight_files import file_records  # noqa: E402
-from kvt.triton_models.repository import REPOSITORY_FILE, build_repository  # noqa: E402
-from kvt.triton_models.server import ServerError, TritonServer, find_bundled_triton  # noqa: E402
+from kvt.contract.files import file_records
+from kvt.contract.request import GenerationRequest
+from kvt.formats.triton_repo import REPOSITORY_FILE
+from kvt.runtime.pipeline import KandinskyVideoPipeline
+from kvt.serving.client import TritonRequestError, TritonVideoClient
+from kvt.serving.generator import configs
+from kvt.serving.generator.repository import build_repository
+from kvt.serving.local_server import ServerError, TritonServer, find_bundled_triton
 
 FAULTY = "unet_t2v_video"
 REQUEST_TIMEOUT_S = 4.0
@@ -159,7 +161,7 @@ def test_stage_unloaded_mid_request(server, repository, local):
 def test_cancelled_stream_stops_within_a_step(server, repository, local):
     import tritonclient.grpc as grpcclient
 
-    from kvt.triton_models.protocol import request_to_arrays
+    from kvt.serving.protocol import request_to_arrays
 
     _fault(repository, "sleep:0.2")
     seen: list[int] = []
@@ -236,7 +238,7 @@ _arrays = st.one_of(
 @given(base_seed=st.integers(0, 3), edits=st.lists(st.tuples(_names, _arrays), max_size=3))
 def test_hostile_requests_through_the_orchestrator(server, base_seed, edits):
     """A valid request with up to three inputs replaced by random or adversarial arrays."""
-    from kvt.triton_models.protocol import request_to_arrays
+    from kvt.serving.protocol import request_to_arrays
 
     FUZZ["tried"] += 1
     arrays = request_to_arrays(_request(base_seed))

@@ -7,7 +7,7 @@ are the reference README's "recommended atol" per case (rtol 0).
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import pytest
@@ -41,7 +41,7 @@ def _ids(paths: list[str]) -> list[str]:
     return [refdata.case_name(p) for p in paths]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _t2v() -> UNetT2V:
     model = UNetT2V(TINY.config.t2v).eval()
     state = torch.load(refdata.reference_dir() / "checkpoints/t2v.pt", weights_only=True)["unet"]
@@ -49,7 +49,7 @@ def _t2v() -> UNetT2V:
     return model
 
 
-@lru_cache(maxsize=None)
+@cache
 def _interpolation() -> UNetInterpolation:
     model = UNetInterpolation(TINY.config.interpolation).eval()
     state = torch.load(refdata.reference_dir() / "checkpoints/interpolation.pt", weights_only=True)["unet"]

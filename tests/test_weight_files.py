@@ -9,11 +9,13 @@ import pytest
 import torch
 
 import refdata
-from kvt.models.checkpoints import CheckpointError, load_checkpoint_dir, write_checkpoint_dir, random_models
+from kvt.cli.main import main
+from kvt.models.checkpoint_write import write_checkpoint_dir
+from kvt.models.checkpoints import load_checkpoint_dir
 from kvt.models.convert import convert_checkpoint_dir
 from kvt.models.presets import TEXT_ENCODER_FOLDER, TINY
-from kvt.models.weight_files import WEIGHTS_MANIFEST, flatten, unflatten, verify_weights_manifest
-from kvt.runtime.cli import main
+from kvt.models.random_weights import random_models
+from kvt.models.weight_files import WEIGHTS_MANIFEST, CheckpointError, flatten, unflatten, verify_weights_manifest
 
 
 def _state(models) -> dict[str, torch.Tensor]:

@@ -10,7 +10,6 @@ import importlib.util
 import os
 import time
 
-
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _spec = importlib.util.spec_from_file_location("kvt_real_stage_model", os.path.join(_HERE, "real_model.py"))
 _real = importlib.util.module_from_spec(_spec)

@@ -1,1 +1,0 @@
-"""ONNX -> TensorRT plans, the engine cache and the engine runner (see kvt.runtime.stages)."""

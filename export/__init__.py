@@ -1,1 +1,0 @@
-"""Torch -> ONNX export of every stage in the stage table (see kvt.runtime.stages)."""

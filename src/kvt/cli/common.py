@@ -1,0 +1,67 @@
+"""What every command shares: the usage error, messages to stderr, and parsers of option values."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import torch
+
+from kvt.contract.errors import UserError
+from kvt.models.presets import Preset, get_preset
+
+DTYPES = ("float32", "float16", "bfloat16")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+class UsageError(UserError):
+    """A command-line value is wrong (exit code 2)."""
+
+
+def say(command: str, message: str, end: str = "\n") -> None:
+    """One line to stderr, prefixed with the command (``kvt build: ...``)."""
+    prefix = "kvt" if command in ("", "kvt") else f"kvt {command}"
+    print(f"{prefix}: {message}", file=sys.stderr, end=end, flush=True)
+
+
+def preset(name: str) -> Preset:
+    try:
+        return get_preset(name)
+    except ValueError as exc:
+        raise UsageError(f"--preset: {exc}") from None
+
+
+def dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise UsageError(f"dtype {name!r}: allowed: {', '.join(DTYPES)}")
+    value: torch.dtype = getattr(torch, name)
+    return value
+
+
+def check_device(device: str) -> None:
+    kind = device.split(":")[0]
+    if kind not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device!r}: allowed: cpu, cuda, cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device!r}: CUDA is not available here (torch {torch.__version__}, "
+                         f"{'no GPU found' if torch.backends.cuda.is_built() else 'built without CUDA'})")
+
+
+def parse_size(text: str) -> int:
+    """``"4GiB"`` / ``"512M"`` / ``"1048576"`` -> bytes (binary units)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise UsageError(f"size {text!r}: expected a number with an optional unit (B, KiB, MiB, GiB, TiB)")
+    unit = (match.group(2) or "").lower()[:1]
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def parse_list(text: str | None) -> list[str] | None:
+    """``"a, b,c"`` -> ["a", "b", "c"]; None or blank -> None."""
+    if text is None:
+        return None
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    return items or None

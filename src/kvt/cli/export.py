@@ -1,0 +1,55 @@
+"""``kvt export``: every stage to ONNX (FP32 or FP16) with a parity report."""
+
+from __future__ import annotations
+
+import argparse
+
+from kvt.cli.common import parse_list, preset, say
+from kvt.contract.errors import EXIT_OK
+from kvt.export.exporter import ExportOptions, export_onnx
+from kvt.export.source import ExportSource
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="export every stage to ONNX (FP32 or FP16) with a parity report",
+        description="Writes one ONNX model per stage of the stage table (opset 18, dynamic axes from the "
+                    "table, external data for models over 1 GiB), the tokenizer, the null embeddings, "
+                    "parity.json / parity.md and manifest.json. Weights come from --weights (official "
+                    "layout) or, without it, seeded random weights of the preset.")
+    p.add_argument("--preset", default="tiny", help="architecture: tiny or full (must match --weights)")
+    p.add_argument("--weights", help="checkpoint directory in the official layout")
+    p.add_argument("--text-encoder", help="Flan-UL2 folder (default: configs.json text_encoder.weights_path)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (without --weights)")
+    p.add_argument("--out", required=True, help="export directory to create")
+    p.add_argument("--precision", default="fp32", help="fp32 or fp16 (U-Nets in FP16, T5 and MoVQs FP32)")
+    p.add_argument("--fp16-movq", action="store_true",
+                   help="also run the MoVQs in FP16 (changes outputs; off by default)")
+    p.add_argument("--stages", help="comma-separated subset of the stage table (default: all)")
+    p.add_argument("--jobs", type=int, default=1, help="stages exported in parallel (worker processes)")
+    p.add_argument("--parity-shapes", default="min,opt,max,odd",
+                   help="shapes of the parity check: any of min,opt,max,odd, or 'none'")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing directory")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    def report(message: str) -> None:
+        say("export", message)
+
+    preset(args.preset)
+    shapes = () if args.parity_shapes.strip().lower() == "none" else tuple(parse_list(args.parity_shapes) or ())
+    stages = parse_list(args.stages)
+    options = ExportOptions(
+        precision=args.precision, fp16_movq=args.fp16_movq, stages=tuple(stages) if stages else None,
+        jobs=args.jobs, parity_shapes=shapes, overwrite=args.overwrite)
+    source = ExportSource(args.preset, args.weights, args.text_encoder, args.seed)
+    manifest = export_onnx(source, args.out, options, report=report)
+    for stage, summary in manifest.parity.items():
+        if summary.get("skipped"):
+            report(f"parity {stage}: skipped ({summary['skipped']})")
+        else:
+            report(f"parity {stage}: worst max rel {summary['worst_max_rel']:.2e}, worst cosine "
+                   f"{summary['worst_cosine']:.7f}")
+    print(args.out)
+    return EXIT_OK

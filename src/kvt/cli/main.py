@@ -1,0 +1,79 @@
+"""The ``kvt`` command line: the one place that knows every command, and the one map from error kind to
+exit code.
+
+    kvt generate "PROMPT" --out video.mp4     generate (embedded tiny preset unless --weights DIR)
+    kvt make-weights / convert-weights        checkpoint directories in the official layout
+    kvt stages [--preset full] [--json]       the stage contract table
+    kvt export / build / triton-repo          ONNX export, TensorRT plans, Triton repository
+    kvt doctor                                what is installed and which backends will run
+    kvt bench stage|e2e|flops|triton          benchmarks
+
+Exit codes (:data:`kvt.contract.errors.EXIT_CODES`): 0 done, 2 invalid input (nothing is written),
+1 a dependency missing here or a failure at run time, 124 timed out, 130 cancelled. Any other exception
+is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+from kvt.cli import bench, build, doctor, export, generate, stages, triton, weights
+from kvt.cli.common import say
+from kvt.contract.errors import (  # noqa: F401  (EXIT_* re-exported for callers of main())
+    EXIT_CANCELLED,
+    EXIT_FAILURE,
+    EXIT_INVALID,
+    EXIT_OK,
+    CancelledError,
+    TimedOutError,
+    UnavailableError,
+    UserError,
+    exit_code,
+)
+
+# Each module registers its subcommands (register(sub)) and sets ``func`` on them; order = help order.
+COMMANDS: tuple[ModuleType, ...] = (generate, weights, stages, export, build, triton, doctor, bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvt", description="Kandinsky Video 1.1 deployment toolkit")
+    parser.add_argument("-v", "--verbose", action="store_true", help="info-level logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def _label(error: BaseException, command: str) -> str:
+    if isinstance(error, UserError):
+        return f"error: {error}"
+    if isinstance(error, UnavailableError):
+        return f"cannot {command} here: {error}"
+    if isinstance(error, TimedOutError):
+        return f"timed out: {error}"
+    if isinstance(error, (CancelledError, KeyboardInterrupt)):
+        return "cancelled; nothing was written"
+    return f"failed: {error}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        code: int = args.func(args)
+        return code
+    except (Exception, KeyboardInterrupt) as error:
+        code_for = exit_code(error)
+        if code_for is None:
+            raise  # not one of ours: a bug, with its traceback
+        say(args.command, _label(error, args.command))
+        return code_for
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""ONNX -> TensorRT plans, the engine cache and the engine runner (see kvt.contract.stages)."""

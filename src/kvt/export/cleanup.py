@@ -1,0 +1,189 @@
+"""Graph clean-up of an exported stage (weights still graph inputs, so this is cheap at any size).
+
+1. strip the exporter's per-node metadata (stack traces and scopes: most of a graph-only file);
+2. constants as typed initializers, then constant folding and shape inference with Polygraphy (the
+   shape arithmetic of dynamic axes);
+3. ``CastLike`` with a known target rewritten as ``Cast``; onnx-graphsurgeon clean-up (dead nodes,
+   unused weight inputs) and topological sort;
+4. FP16 graphs: Softmax computed in FP32 (Cast in, Cast out), as the official autocast does;
+5. checks that the graph is TensorRT-parseable: opset 18, no sequence or control-flow ops, the stage's
+   inputs and outputs intact.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import onnx
+
+from kvt.contract.stages import StageSpec
+from kvt.export.graph_export import ExportError
+
+log = logging.getLogger(__name__)
+
+# Ops TensorRT's ONNX parser cannot take (sequences) or that would put control flow in an engine.
+FORBIDDEN_OPS = frozenset({"SequenceAt", "SequenceConstruct", "SequenceEmpty", "SequenceInsert",
+                           "SequenceLength", "SplitToSequence", "ConcatFromSequence", "If", "Loop", "Scan"})
+
+
+class GraphCheckError(ExportError):
+    """An exported graph would not parse in TensorRT or breaks its stage contract."""
+
+
+def strip_metadata(model: onnx.ModelProto) -> None:
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    for value in list(model.graph.value_info):
+        del value.metadata_props[:]
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> int:
+    """Replace ``Constant`` nodes by initializers of the same dtype.
+
+    onnx-graphsurgeon reads an empty ``value_floats`` / ``value_ints`` constant (Resize's ``roi``,
+    the shape of a scalar) as a float64 array, which ONNX Runtime then rejects; typed initializers
+    keep their dtype through folding.
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    kinds = {"value_floats": np.float32, "value_ints": np.int64, "value_float": np.float32,
+             "value_int": np.int64}
+    kept, moved = [], 0
+    for node in model.graph.node:
+        if node.op_type != "Constant" or len(node.attribute) != 1:
+            kept.append(node)
+            continue
+        attr = node.attribute[0]
+        if attr.name == "value":
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(attr.t)
+        elif attr.name in kinds:
+            value = onnx.helper.get_attribute_value(attr)
+            tensor = numpy_helper.from_array(np.asarray(value, dtype=kinds[attr.name]))
+        else:  # sparse or string constants: leave them alone
+            kept.append(node)
+            continue
+        tensor.name = node.output[0]
+        model.graph.initializer.append(tensor)
+        moved += 1
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return moved
+
+
+def fold_and_infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Polygraphy constant folding and shape inference until nothing changes.
+
+    ``fold_shapes=False``: onnx-graphsurgeon's shape folding (0.6.1) rewrites ``Cast(int constant ->
+    float)`` as an int64 constant, producing graphs ONNX Runtime rejects (seen in T5's position
+    buckets); plain constant folding is correct and reaches fewer nodes on these graphs.
+    """
+    from polygraphy.backend.onnx import fold_constants
+    from polygraphy.logger import G_LOGGER
+
+    previous = G_LOGGER.module_severity
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+    try:
+        return fold_constants(model, num_passes=None, do_shape_inference=True, fold_shapes=False,
+                              partitioning=None, error_ok=False)
+    finally:
+        G_LOGGER.module_severity = previous
+
+
+def infer_types(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape and type inference (strict: a type conflict is an error here, not in TensorRT)."""
+    inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    model.CopyFrom(inferred)
+    return model
+
+
+def graphsurgeon_cleanup(model: onnx.ModelProto, keep_inputs: tuple[str, ...]) -> onnx.ModelProto:
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(model)
+    graph.cleanup(remove_unused_graph_inputs=True).toposort()
+    missing = [name for name in keep_inputs if name not in {t.name for t in graph.inputs}]
+    if missing:
+        raise GraphCheckError(f"inputs {missing} of the stage contract are unused by the graph")
+    return gs.export_onnx(graph, do_type_check=True)
+
+
+def castlike_to_cast(model: onnx.ModelProto) -> int:
+    """``CastLike(x, like)`` -> ``Cast(x, to=dtype of like)`` wherever that dtype is known."""
+    import onnx_graphsurgeon as gs
+    from onnx import helper
+
+    graph = gs.import_onnx(model)
+    rewritten = 0
+    for node in graph.nodes:
+        if node.op != "CastLike" or node.inputs[1].dtype is None:
+            continue
+        node.op = "Cast"
+        node.attrs = {"to": helper.np_dtype_to_tensor_dtype(node.inputs[1].dtype)}
+        node.inputs = node.inputs[:1]
+        rewritten += 1
+    graph.cleanup().toposort()
+    model.CopyFrom(gs.export_onnx(graph))
+    return rewritten
+
+
+def softmax_in_fp32(model: onnx.ModelProto) -> int:
+    """Wrap every FP16 Softmax in Casts so it computes in FP32. Returns how many were wrapped."""
+    import numpy as np
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(model)
+    wrapped = 0
+    for node in [n for n in graph.nodes if n.op == "Softmax"]:
+        source, target = node.inputs[0], node.outputs[0]
+        if source.dtype != np.float16:
+            continue
+        upcast = gs.Variable(f"{node.name}_in_fp32", dtype=np.float32, shape=source.shape)
+        result = gs.Variable(f"{node.name}_out_fp32", dtype=np.float32, shape=target.shape)
+        graph.nodes.append(gs.Node("Cast", f"{node.name}_cast_in", {"to": onnx.TensorProto.FLOAT},
+                                   inputs=[source], outputs=[upcast]))
+        graph.nodes.append(gs.Node("Cast", f"{node.name}_cast_out", {"to": onnx.TensorProto.FLOAT16},
+                                   inputs=[result], outputs=[target]))
+        node.inputs = [upcast]
+        node.outputs = [result]
+        wrapped += 1
+    graph.toposort()
+    model.CopyFrom(gs.export_onnx(graph))
+    return wrapped
+
+
+def check_graph(model: onnx.ModelProto, spec: StageSpec, opset: int) -> None:
+    ops = {node.op_type for node in model.graph.node}
+    forbidden = sorted(ops & FORBIDDEN_OPS)
+    if forbidden:
+        raise GraphCheckError(f"stage {spec.name}: ops {forbidden} cannot be parsed by TensorRT")
+    versions = {o.domain: o.version for o in model.opset_import}
+    if versions.get("", versions.get("ai.onnx")) != opset:
+        raise GraphCheckError(f"stage {spec.name}: opset {versions} is not {opset}")
+    inputs = [i.name for i in model.graph.input][: len(spec.inputs)]
+    outputs = [o.name for o in model.graph.output]
+    if inputs != list(spec.input_names) or outputs != list(spec.output_names):
+        raise GraphCheckError(f"stage {spec.name}: graph I/O {inputs} -> {outputs} does not match the "
+                              f"stage table {list(spec.input_names)} -> {list(spec.output_names)}")
+
+
+def clean_graph(path: Path, spec: StageSpec, opset: int, fp16: bool) -> dict[str, int]:
+    """Clean the graph-only model at ``path`` in place; returns node counts and the Softmax casts."""
+    model = onnx.load(str(path))
+    before = len(model.graph.node)
+    strip_metadata(model)
+    constants_to_initializers(model)
+    model = fold_and_infer(model)
+    castlike = castlike_to_cast(infer_types(model))
+    model = graphsurgeon_cleanup(model, spec.input_names)
+    wrapped = softmax_in_fp32(infer_types(model)) if fp16 else 0
+    model = infer_types(model)
+    check_graph(model, spec, opset)
+    onnx.save(model, str(path))
+    stats = {"nodes_exported": before, "nodes": len(model.graph.node), "castlike_to_cast": castlike,
+             "softmax_fp32": wrapped}
+    log.info("stage %s: %d -> %d nodes, %d Softmax in fp32", spec.name, before, len(model.graph.node), wrapped)
+    return stats

@@ -1,0 +1,113 @@
+"""Stage modules: each stage of the table as an ``nn.Module`` whose forward takes the stage's inputs
+positionally (table order) and returns its outputs (table order).
+
+This is the one binding between stage names and network calls. The torch backend runs these modules;
+ONNX export traces them, so an exported graph has exactly the table's inputs and outputs. I/O follows
+the contract (FP32 floats); each module casts floating inputs to its network's weight dtype and its
+outputs back to FP32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kvt.contract.stages import NUM_BASE_FRAMES, ModelDims, ResolutionRange, StageTable, build_stage_table
+from kvt.models.configs import KandinskyVideoConfig
+from kvt.models.model_set import KandinskyVideoModels
+from kvt.models.presets import preset_for_config
+
+
+def _weight_dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+class _StageModule(nn.Module):
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _weight_dtype(self.network)
+
+    def _in(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+    @staticmethod
+    def _out(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(torch.float32)
+
+
+class TextEncoderStage(_StageModule):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self._out(self.network(input_ids, attention_mask))
+
+
+class UNetT2VImageStage(_StageModule):
+    def forward(self, sample, timestep, context, context_mask, context_len) -> torch.Tensor:
+        eps = self.network.forward_image(self._in(sample), timestep, self._in(context), context_mask,
+                                         context_len=context_len)
+        return self._out(eps)
+
+
+class UNetT2VVideoStage(_StageModule):
+    def forward(self, sample, timestep, context, context_mask, context_len, frame_index, noise_aug,
+                motion_score) -> torch.Tensor:
+        eps = self.network.forward_video(self._in(sample), timestep, self._in(context), context_mask,
+                                         frame_index, noise_aug, motion_score,
+                                         num_frames=NUM_BASE_FRAMES, context_len=context_len)
+        return self._out(eps)
+
+
+class UNetInterpolationStage(_StageModule):
+    def forward(self, sample, timestep, context, context_mask, context_len, skip_frames,
+                perturbation_time, temporal_mask) -> torch.Tensor:
+        v = self.network(self._in(sample), timestep, self._in(context), context_mask, skip_frames,
+                         perturbation_time, self._in(temporal_mask), num_groups=None,
+                         context_len=context_len)
+        return self._out(v)
+
+
+class MoVQEncoderStage(_StageModule):
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self._out(self.network.encode(self._in(image)))
+
+
+class MoVQDecoderStage(_StageModule):
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self._out(self.network.decode(self._in(latent)))
+
+
+# stage -> module class; the stage table's `network` field says which network each one wraps.
+STAGE_MODULES: dict[str, type[_StageModule]] = {
+    "text_encoder": TextEncoderStage,
+    "unet_t2v_image": UNetT2VImageStage,
+    "unet_t2v_video": UNetT2VVideoStage,
+    "unet_interp": UNetInterpolationStage,
+    "movq_encoder": MoVQEncoderStage,
+    "movq_decoder": MoVQDecoderStage,
+    "video_movq_decoder": MoVQDecoderStage,
+}
+
+
+def stage_module(stage: str, network: nn.Module) -> nn.Module:
+    """The stage module of ``stage`` around ``network`` (shared, not copied)."""
+    try:
+        return STAGE_MODULES[stage](network).eval()
+    except KeyError:
+        raise KeyError(f"no stage module for stage {stage!r}; known: {sorted(STAGE_MODULES)}") from None
+
+
+def build_stage_modules(models: KandinskyVideoModels, table: StageTable) -> dict[str, nn.Module]:
+    """One module per stage of ``table``, sharing the networks of ``models`` (no copies)."""
+    networks = models.networks()
+    return {spec.name: stage_module(spec.name, networks[spec.network]) for spec in table}
+
+
+def stage_table_for(config: KandinskyVideoConfig, resolution: ResolutionRange | None = None) -> StageTable:
+    """The stage table of a model config; frame sizes default to its preset's range (if it is one)."""
+    if resolution is None:
+        preset = preset_for_config(config)
+        resolution = ResolutionRange(*preset.resolution) if preset else ResolutionRange()
+    return build_stage_table(ModelDims.from_config(config), resolution)

@@ -1,0 +1,57 @@
+"""The stage backend interface: run a named stage of the stage table on a dict of tensors.
+
+A backend knows nothing of diffusion. The pipeline builds the inputs a stage's contract asks for, calls
+``run`` and reads the outputs by name; torch, ONNX Runtime, TensorRT and Triton backends all sit behind
+this one interface, so the denoising loops are written once.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+from kvt.contract.stages import StageTable
+
+
+class StageBackend(ABC):
+    """Runs stages of ``table``. Inputs and outputs are torch tensors on ``device``."""
+
+    name: str = "abstract"
+
+    def __init__(self, table: StageTable, device: torch.device | str = "cpu", validate: bool = True) -> None:
+        self.table = table
+        self.device = torch.device(device)
+        self.validate = validate
+
+    def run(self, stage: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run ``stage`` on ``inputs`` (names, dtypes and shapes per the contract)."""
+        spec = self.table[stage]
+        if self.validate:
+            spec.bind_dims(inputs)  # metadata only: no device sync
+        outputs = self._run(stage, inputs)
+        if set(outputs) != set(spec.output_names):
+            raise RuntimeError(f"backend {self.name}: stage {stage} returned {sorted(outputs)}, "
+                               f"the contract says {list(spec.output_names)}")
+        return outputs
+
+    @abstractmethod
+    def _run(self, stage: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Backend-specific execution; inputs already validated."""
+
+    def loop_scope(self, stage: str) -> AbstractContextManager:
+        """Entered around one sampler loop over ``stage``: every call of the loop gets the same text
+        inputs, which a backend may exploit (the fast torch path hoists text-only work). Default:
+        nothing."""
+        return nullcontext()
+
+    def close(self) -> None:  # noqa: B027 - optional hook, not abstract
+        """Release resources (sessions, engines, connections)."""
+
+    def __enter__(self) -> StageBackend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,299 @@
+"""The fast torch path and the official-style baseline, built from the same stage modules.
+
+Both are torch backends over one set of networks, so a benchmark can run them side by side and compare
+their outputs:
+
+* **fast** (:class:`FastTorchBackend`): FP16 U-Nets (on CUDA), SDPA with its fused kernels (flash /
+  memory-efficient), channels-last convolutions, one CUDA graph per (stage, input shapes) for the
+  fixed-shape loop calls, optional ``torch.compile``, optionally a BF16 text encoder. The prompt is
+  encoded once per request (the pipeline already does this).
+* **baseline** (:class:`OfficialStyleBackend` + :class:`OfficialStylePipeline`): the same modules run
+  the way the official pipeline does: attention through the "math" kernel (the full attention matrix is
+  materialised, like the official einsum/softmax code), U-Nets under CUDA autocast, FP32 text encoder
+  and MoVQs, and the prompt re-encoded by every loop that uses it (the official code runs T5 2-4 times
+  per video with identical results).
+
+The text-only work of the U-Nets (cross-attention keys/values, attention pooling) is hoisted out of each
+sampler loop (``hoist_text``, via :func:`kvt.models.unet_layers.text_constant` and the backend's
+``loop_scope``): computed at the loop's first step and reused, which is exact. It is off under CUDA
+graphs and torch.compile, where a replayed graph would keep the first request's cached tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kvt.contract.stages import StageTable
+from kvt.models.model_set import KandinskyVideoModels
+from kvt.models.unet_layers import text_constant
+from kvt.runtime.backends.torch_backend import TorchBackend
+from kvt.runtime.loading import default_size_for as _default_size_for
+from kvt.runtime.pipeline import KandinskyVideoPipeline, PromptContext
+
+UNET_STAGES = ("unet_t2v_image", "unet_t2v_video", "unet_interp")
+# Stages whose first input is an image-like NCHW tensor worth handing over in channels-last layout.
+_NCHW_INPUT = {"unet_t2v_image": "sample", "unet_t2v_video": "sample", "unet_interp": "sample",
+               "movq_encoder": "image", "movq_decoder": "latent", "video_movq_decoder": "latent"}
+_NETWORK_OF_STAGE_FAMILY = {"unet": ("unet_t2v", "unet_interpolation"), "movq": ("image_movq", "video_movq")}
+
+
+@dataclass(frozen=True)
+class FastPathOptions:
+    """Switches of the fast path. ``None`` means: on for CUDA, off for CPU (where it does not help)."""
+
+    unet_dtype: torch.dtype | None = None  # float16 on CUDA, float32 on CPU
+    text_encoder_dtype: torch.dtype | None = None  # bfloat16 on CUDA (changes outputs slightly)
+    movq_dtype: torch.dtype = torch.float32  # FP16 MoVQs change outputs; opt-in only
+    channels_last: bool | None = None
+    cuda_graphs: bool | None = None
+    graph_stages: tuple[str, ...] = UNET_STAGES  # the fixed-shape calls of the denoising loops
+    compile: bool = False
+    compile_mode: str | None = None  # torch.compile mode; None = torch's default
+    # Text-only work (cross-attention K/V, attention pooling) computed once per sampler loop; exact.
+    # None = on unless CUDA graphs or torch.compile are (a captured graph would keep stale K/V).
+    hoist_text: bool | None = None
+
+    def resolved(self, device: torch.device) -> FastPathOptions:
+        """The options with every ``None`` replaced by the choice for ``device``."""
+        cuda = device.type == "cuda"
+        if self.cuda_graphs and not cuda:
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, the models are on {device}")
+        graphs = cuda if self.cuda_graphs is None else self.cuda_graphs
+        if self.hoist_text and (graphs or self.compile):
+            raise ValueError("hoist_text=True cannot be combined with CUDA graphs or torch.compile: a captured "
+                             "graph would replay the first request's cached text keys/values")
+        return dataclasses.replace(
+            self,
+            unet_dtype=self.unet_dtype or (torch.float16 if cuda else torch.float32),
+            text_encoder_dtype=self.text_encoder_dtype or (torch.bfloat16 if cuda else torch.float32),
+            channels_last=cuda if self.channels_last is None else self.channels_last,
+            cuda_graphs=graphs,
+            hoist_text=(not graphs and not self.compile) if self.hoist_text is None else self.hoist_text,
+        )
+
+
+def models_with_precision(models: KandinskyVideoModels, unet: torch.dtype | None = None,
+                          text_encoder: torch.dtype | None = None,
+                          movq: torch.dtype | None = None) -> KandinskyVideoModels:
+    """``models`` with the given weight dtypes; networks already in that dtype are shared, not copied.
+
+    Sharing matters at full size: the baseline and the fast path use the same FP16 U-Nets, and only the
+    text encoder is held twice (FP32 for the baseline, BF16 for the fast path).
+    """
+    wanted = {"unet_t2v": unet, "unet_interpolation": unet, "image_movq": movq, "video_movq": movq,
+              "text_encoder": text_encoder}
+    changes: dict[str, nn.Module] = {}
+    for name, dtype in wanted.items():
+        module = getattr(models, name)
+        if dtype is None or next(module.parameters()).dtype == dtype:
+            continue
+        changes[name] = converted_copy(module, dtype)
+    return dataclasses.replace(models, **changes) if changes else models
+
+
+def converted_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``module`` whose floating-point tensors are ``dtype``, built without a same-dtype copy.
+
+    ``deepcopy(module).to(dtype)`` would first duplicate the weights in their old dtype (35 GB more for
+    the FP32 Flan-UL2 on the GPU); here each tensor is converted directly into the copy. Tied
+    parameters stay tied (the copy's memo maps a shared tensor once).
+    """
+    memo: dict[int, object] = {}
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.is_floating_point():
+                memo[id(param)] = nn.Parameter(param.detach().to(dtype), requires_grad=False)
+        for buffer in module.buffers():
+            if buffer.is_floating_point():
+                memo[id(buffer)] = buffer.detach().to(dtype)
+    return copy.deepcopy(module, memo)
+
+
+def to_channels_last_(module: nn.Module) -> nn.Module:
+    """Put every 2D convolution's weight in channels-last layout (values unchanged, in place).
+
+    ``Module.to(memory_format=...)`` would also try the 5D Conv3d weights of the temporal layers, which
+    have no channels-last layout of rank 4, so the 2D convolutions are converted one by one.
+    """
+    with torch.no_grad():
+        for sub in module.modules():
+            if isinstance(sub, (nn.Conv2d, nn.ConvTranspose2d)):
+                sub.weight.data = sub.weight.data.contiguous(memory_format=torch.channels_last)
+    return module
+
+
+class CudaGraphCall:
+    """One stage call captured as a CUDA graph for fixed input shapes.
+
+    Inputs are copied into static buffers before each replay and the outputs are cloned after it, so a
+    caller may keep a result across calls. Capturing needs a few eager warm-up calls on a side stream
+    first (cuDNN / cuBLAS pick their algorithms there, torch.compile compiles there).
+    """
+
+    def __init__(self, fn: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]],
+                 inputs: Mapping[str, torch.Tensor], pool=None, warmup: int = 2) -> None:
+        self.static_inputs = {name: value.clone() for name, value in inputs.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn(self.static_inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # A shared pool is safe here: graphs replay one at a time on one stream, the static inputs live
+        # outside the pool, and each replay's outputs are cloned before any other graph replays.
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.static_outputs = fn(self.static_inputs)
+
+    def __call__(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for name, value in inputs.items():
+            self.static_inputs[name].copy_(value)
+        self.graph.replay()
+        return {name: value.clone() for name, value in self.static_outputs.items()}
+
+
+def _shape_key(stage: str, inputs: Mapping[str, torch.Tensor]) -> tuple:
+    return (stage,) + tuple((name, tuple(t.shape), t.dtype) for name, t in sorted(inputs.items()))
+
+
+class FastTorchBackend(TorchBackend):
+    """The torch backend with the fast-path switches of :class:`FastPathOptions`.
+
+    ``channels_last`` converts the convolution weights of the U-Nets and MoVQs in place (their values do
+    not change, so a baseline sharing the networks still computes the same numbers, in another layout).
+    """
+
+    name = "torch-fast"
+
+    def __init__(self, models: KandinskyVideoModels, options: FastPathOptions = FastPathOptions(),
+                 table: StageTable | None = None, validate: bool = True) -> None:
+        super().__init__(models, table, validate)
+        self.options = options.resolved(self.device)
+        if self.options.channels_last:
+            for family in _NETWORK_OF_STAGE_FAMILY.values():
+                for network in family:
+                    to_channels_last_(getattr(models, network))
+        self._callables: dict[str, Callable] = {}
+        for stage, module in self.modules.items():
+            self._callables[stage] = (torch.compile(module, mode=self.options.compile_mode, dynamic=False)
+                                      if self.options.compile and stage in UNET_STAGES else module)
+        self._graphs: dict[tuple, CudaGraphCall] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.options.cuda_graphs else None
+
+    def _eager(self, stage: str) -> Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        spec = self.table[stage]
+        fn = self._callables[stage]
+        layout_input = _NCHW_INPUT.get(stage) if self.options.channels_last else None
+
+        def call(inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            args = []
+            for name in spec.input_names:
+                value = inputs[name]
+                if name == layout_input:
+                    value = value.contiguous(memory_format=torch.channels_last)
+                args.append(value)
+            result = fn(*args)
+            results = result if isinstance(result, tuple) else (result,)
+            return {name: out.contiguous() for name, out in zip(spec.output_names, results)}
+
+        return call
+
+    @torch.inference_mode()
+    def _run(self, stage: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not (self.options.cuda_graphs and stage in self.options.graph_stages):
+            return self._eager(stage)(inputs)
+        key = _shape_key(stage, inputs)
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._graphs[key] = CudaGraphCall(self._eager(stage), inputs, pool=self._pool)
+        return graph(inputs)
+
+    def loop_scope(self, stage: str) -> contextlib.AbstractContextManager:
+        """Hoist the text-only work of ``stage``'s U-Net out of the loop (exact; see text_constant)."""
+        if not self.options.hoist_text or stage not in self.modules:
+            return contextlib.nullcontext()
+        return text_constant(self.modules[stage])
+
+    @property
+    def captured_graphs(self) -> int:
+        return len(self._graphs)
+
+
+@contextlib.contextmanager
+def math_attention() -> Iterator[None]:
+    """Every ``scaled_dot_product_attention`` call runs the math kernel: the full attention matrix."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+class OfficialStyleBackend(TorchBackend):
+    """The stage modules run as the official pipeline runs its networks (math attention, autocast)."""
+
+    name = "torch-official"
+
+    @torch.inference_mode()
+    def _run(self, stage: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        autocast = (torch.autocast("cuda", dtype=torch.float16)
+                    if self.device.type == "cuda" and stage in UNET_STAGES else contextlib.nullcontext())
+        with math_attention(), autocast:
+            return super()._run(stage, inputs)
+
+
+class OfficialStylePipeline(KandinskyVideoPipeline):
+    """The pipeline with the official per-loop prompt encoding: loops B and C re-run the text encoder.
+
+    With the initial encode (which loop A uses) that is 2 runs for fps 'low', 3 for 'medium' and 4 for
+    'high', as in the official code; every run gives the same context.
+    """
+
+    prompt_encodings = 0
+
+    def encode_prompt(self, prompt: str) -> PromptContext:
+        self.prompt_encodings += 1
+        return super().encode_prompt(prompt)
+
+    def _reencode(self, text: PromptContext) -> PromptContext:
+        self.prompt_encodings += 1
+        ids = text.tokens.input_ids.to(self.device, torch.int32)
+        mask = text.tokens.attention_mask.to(self.device, torch.int32)
+        context = self.backend.run("text_encoder", {"input_ids": ids, "attention_mask": mask})["context"]
+        return dataclasses.replace(text, context=context)
+
+    def generate_base_frames(self, text: PromptContext, *args, **kwargs) -> torch.Tensor:
+        return super().generate_base_frames(self._reencode(text), *args, **kwargs)
+
+    def interpolate(self, text: PromptContext, *args, **kwargs) -> torch.Tensor:
+        return super().interpolate(self._reencode(text), *args, **kwargs)
+
+
+def _pipeline(cls: type[KandinskyVideoPipeline], backend: TorchBackend,
+              models: KandinskyVideoModels) -> KandinskyVideoPipeline:
+    return cls(backend, models.tokenizer, models.t2v_null_embedding, models.interpolation_null_embedding,
+               _default_size_for(models.config))
+
+
+def build_baseline_pipeline(models: KandinskyVideoModels, validate: bool = True) -> OfficialStylePipeline:
+    """Official-style run: U-Nets FP16 + autocast on CUDA (FP32 on CPU), T5 and MoVQs FP32."""
+    cuda = next(models.unet_t2v.parameters()).device.type == "cuda"
+    models = models_with_precision(models, unet=torch.float16 if cuda else torch.float32,
+                                   text_encoder=torch.float32, movq=torch.float32)
+    return _pipeline(OfficialStylePipeline, OfficialStyleBackend(models, validate=validate), models)
+
+
+def build_fast_pipeline(models: KandinskyVideoModels, options: FastPathOptions = FastPathOptions(),
+                        validate: bool = True) -> KandinskyVideoPipeline:
+    """The fast path over ``models`` (networks whose dtype already fits are shared, not copied)."""
+    device = next(models.unet_t2v.parameters()).device
+    resolved = options.resolved(device)
+    models = models_with_precision(models, unet=resolved.unet_dtype, text_encoder=resolved.text_encoder_dtype,
+                                   movq=resolved.movq_dtype)
+    return _pipeline(KandinskyVideoPipeline, FastTorchBackend(models, resolved, validate=validate), models)

@@ -1,0 +1,93 @@
+"""Pixel conversions the official pipeline performs around the MoVQs (spec quirks 16 and 30).
+
+The key frame is part of the model's behaviour as a uint8 PIL image: decoded, clipped, x255 and
+truncated, resized with Pillow's default filter, centre-cropped (Pillow rounds the float box), converted
+to RGB and mapped back to [-1, 1]. A torch resize is not equivalent, so Pillow does it here too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from kvt.contract.errors import UserError
+from kvt.contract.request import MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE
+
+
+class ImageInputError(UserError):
+    """An input image cannot be read or is unsuitable."""
+
+
+# Formats a conditioning image file may have (Pillow plugins outside this list are never tried).
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[N, 3, H, W] decoder output -> [N, H, W, 3] uint8: clip((x + 1) / 2) x 255, truncated."""
+    pixels = torch.clip((images.float() + 1.0) / 2.0, 0.0, 1.0).mul(255.0)
+    return pixels.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def key_frame_pixels(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """The MoVQ encoder input for ``image``: [1, 3, height, width] float32 in [-1, 1].
+
+    Downscale (never up) so the smaller scale factor matches width x height, centre-crop to exactly
+    width x height (an image smaller than that is padded with black by the crop), convert to RGB.
+    """
+    reduce_factor = max(1.0, min(image.size[0] / width, image.size[1] / height))
+    image = image.resize((round(image.size[0] / reduce_factor), round(image.size[1] / reduce_factor)))
+    old_width, old_height = image.size
+    box = ((old_width - width) / 2, (old_height - height) / 2,
+           (old_width + width) / 2, (old_height + height) / 2)
+    image = image.crop(box)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    array = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    return (2.0 * array.to(torch.float32).div(255) - 1.0).unsqueeze(0)
+
+
+def load_image(source: str | Path | Image.Image) -> Image.Image:
+    """A fully decoded PIL image from a path or an image; unreadable files raise ImageInputError."""
+    if isinstance(source, Image.Image):
+        return source
+    path = Path(source)
+    if not path.is_file():
+        raise ImageInputError(f"image {str(path)!r} does not exist or is not a file")
+    try:
+        with Image.open(path, formats=IMAGE_FORMATS) as opened:
+            _check_pixels(opened.size, f"image {str(path)!r}")  # from the header, before decoding
+            opened.load()
+            return opened.copy()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageInputError(f"image {str(path)!r} cannot be read as an image of the formats "
+                              f"{list(IMAGE_FORMATS)} ({exc})") from None
+
+
+def _check_pixels(size: tuple[int, int], what: str) -> None:
+    w, h = size
+    if w > MAX_IMAGE_SIDE or h > MAX_IMAGE_SIDE or w * h > MAX_IMAGE_PIXELS:
+        raise ImageInputError(f"{what} is {w}x{h} pixels: at most {MAX_IMAGE_SIDE} per side and "
+                              f"{MAX_IMAGE_PIXELS} in all are accepted")
+
+
+def image_from_array(array: np.ndarray | torch.Tensor) -> Image.Image:
+    """An image sent as a tensor (Triton, Python callers): uint8 [H, W, 3], [H, W, 4] or [H, W].
+
+    Floats are refused rather than guessed at ([0, 1] or [0, 255]?); the shape and size are checked
+    before any copy.
+    """
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    if not isinstance(array, np.ndarray):
+        raise ImageInputError(f"image: {type(array).__name__} given, a uint8 array [H, W, 3] is expected")
+    if array.dtype != np.uint8:
+        raise ImageInputError(f"image: dtype {array.dtype}, expected uint8 [H, W, 3] (RGB, 0-255)")
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise ImageInputError(f"image: shape {list(array.shape)}, expected [H, W, 3], [H, W, 4] or [H, W]")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ImageInputError(f"image: shape {list(array.shape)} is empty")
+    _check_pixels((array.shape[1], array.shape[0]), "image")
+    return Image.fromarray(np.ascontiguousarray(array))

@@ -1,0 +1,137 @@
+"""The wire format of the orchestrator models (``kandinsky_video`` and ``kandinsky_video_stream``).
+
+One table of request inputs, shared by the config generator (config.pbtxt ``input``), the server
+(arrays -> :class:`GenerationRequest`) and the client (request -> arrays), so the three cannot drift.
+Guidance scales travel as FP64 so that a server run equals an in-process run of the same Python
+floats. Every input but PROMPT is optional: an omitted knob takes the server's default (the official one, and
+the export's opt size for WIDTH / HEIGHT). The image travels as decoded RGB pixels, never as a path:
+the server reads no file a client names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from kvt.contract.request import GenerationRequest, InvalidRequestError
+
+
+@dataclass(frozen=True)
+class Field:
+    """One request input: its Triton name, the GenerationRequest field and the wire dtype."""
+
+    name: str
+    attribute: str
+    triton_type: str  # config.pbtxt data_type
+    wire_type: str  # tritonclient datatype string
+    numpy: Any
+
+
+def _scalar(name: str, attribute: str, triton_type: str) -> Field:
+    wire, dtype = {"TYPE_STRING": ("BYTES", np.object_), "TYPE_INT32": ("INT32", np.int32),
+                   "TYPE_INT64": ("INT64", np.int64), "TYPE_FP64": ("FP64", np.float64)}[triton_type]
+    return Field(name, attribute, triton_type, wire, dtype)
+
+
+SCALAR_FIELDS: tuple[Field, ...] = (
+    _scalar("PROMPT", "prompt", "TYPE_STRING"),
+    _scalar("WIDTH", "width", "TYPE_INT32"),
+    _scalar("HEIGHT", "height", "TYPE_INT32"),
+    _scalar("FPS", "fps", "TYPE_STRING"),
+    _scalar("MOTION", "motion", "TYPE_STRING"),
+    _scalar("KEY_FRAME_GUIDANCE_SCALE", "key_frame_guidance_scale", "TYPE_FP64"),
+    _scalar("GUIDANCE_WEIGHT_PROMPT", "guidance_weight_prompt", "TYPE_FP64"),
+    _scalar("GUIDANCE_WEIGHT_IMAGE", "guidance_weight_image", "TYPE_FP64"),
+    _scalar("INTERPOLATION_GUIDANCE_SCALE", "interpolation_guidance_scale", "TYPE_FP64"),
+    _scalar("NOISE_AUGMENTATION", "noise_augmentation", "TYPE_INT32"),
+    _scalar("SEED", "seed", "TYPE_INT64"),
+    _scalar("KEY_FRAME_STEPS", "key_frame_steps", "TYPE_INT32"),
+    _scalar("BASE_FRAME_STEPS", "base_frame_steps", "TYPE_INT32"),
+    _scalar("INTERPOLATION_STEPS", "interpolation_steps", "TYPE_INT32"),
+)
+IMAGE = "IMAGE"  # uint8 RGB [H, W, 3], optional: image-to-video
+
+# Outputs: (name, config data_type, dims).
+RESULT_OUTPUTS = (
+    ("FRAMES", "TYPE_UINT8", [-1, -1, -1, 3]),  # [T, H, W, 3]
+    ("SEED", "TYPE_INT64", [1]),
+    ("PROMPT_TOKENS", "TYPE_INT32", [1]),
+    ("PROMPT_TRUNCATED", "TYPE_BOOL", [1]),
+    ("TIMINGS", "TYPE_STRING", [1]),  # JSON: seconds per part of the request
+)
+PROGRESS_OUTPUTS = (  # streamed by kandinsky_video_stream after every sampler step
+    ("STAGE", "TYPE_STRING", [1]),
+    ("STEP", "TYPE_INT32", [1]),
+    ("NUM_STEPS", "TYPE_INT32", [1]),
+)
+
+
+
+def uncovered_request_fields() -> set[str]:
+    """GenerationRequest fields the wire format does not carry (a test keeps this empty)."""
+    return {f.name for f in fields(GenerationRequest)} - {f.attribute for f in SCALAR_FIELDS} - {"image"}
+
+
+# ------------------------------------------------------------------------------------- client side
+
+def request_to_arrays(request: GenerationRequest) -> dict[str, np.ndarray]:
+    """The inputs of one request; knobs that are None (seed, size) are left to the server."""
+    arrays: dict[str, np.ndarray] = {}
+    for field in SCALAR_FIELDS:
+        value = getattr(request, field.attribute)
+        if value is None:
+            continue
+        if field.wire_type == "BYTES":
+            arrays[field.name] = np.array([str(value).encode("utf-8")], dtype=np.object_)
+        else:
+            arrays[field.name] = np.array([value], dtype=field.numpy)
+    if request.image is not None:
+        arrays[IMAGE] = np.ascontiguousarray(np.asarray(request.image.convert("RGB"), dtype=np.uint8))
+    return arrays
+
+
+# ------------------------------------------------------------------------------------- server side
+
+def _one(name: str, array: np.ndarray) -> Any:
+    if array.size != 1:
+        raise InvalidRequestError(name, f"shape {list(array.shape)}", "a single value (shape [1])")
+    return array.reshape(-1)[0]
+
+
+def _text(name: str, value: Any) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidRequestError(name, value[:32], "UTF-8 text") from None
+    return str(value)
+
+
+def arrays_to_request(arrays: Mapping[str, np.ndarray], default_size: tuple[int, int]) -> GenerationRequest:
+    """A request from the inputs a client sent (validate it with validate_request afterwards: it also
+    bounds the image size)."""
+    from PIL import Image
+
+    if "PROMPT" not in arrays:
+        raise InvalidRequestError("PROMPT", "missing", "a required input: the text description (BYTES [1])")
+    values: dict[str, Any] = {"width": default_size[0], "height": default_size[1]}
+    for field in SCALAR_FIELDS:
+        if field.name not in arrays:
+            continue
+        value = _one(field.name, arrays[field.name])
+        if field.wire_type == "BYTES":
+            value = _text(field.name, value)
+        elif field.wire_type == "FP64":
+            value = float(value)
+        else:
+            value = int(value)
+        values[field.attribute] = value
+    if IMAGE in arrays:
+        pixels = arrays[IMAGE]
+        if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
+            raise InvalidRequestError(IMAGE, f"{pixels.dtype} {list(pixels.shape)}", "uint8 RGB pixels [H, W, 3]")
+        values["image"] = Image.fromarray(np.ascontiguousarray(pixels), "RGB")
+    return GenerationRequest(**values)
