@@ -6,7 +6,6 @@ behaviour and every piece of bookkeeping around them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import threading
 import time
@@ -20,7 +19,7 @@ from kvt.benchmarks.memory import PeakMemory
 from kvt.benchmarks.stage_bench import bench_stage_calls, benchmark_calls
 from kvt.benchmarks.timing import LatencyStats, measure
 from kvt.benchmarks.triton_bench import bench_concurrency
-from kvt.cli import bench as cli
+from kvt.cli.main import EXIT_INVALID, build_parser, main
 from kvt.contract.plan import request_plan
 from kvt.models.presets import get_preset
 from kvt.models.random_weights import random_models
@@ -212,30 +211,29 @@ def test_triton_sender_rejects_an_unknown_protocol() -> None:
 # ---------------------------------------------------------------------------------------- entry point
 
 
-def test_add_bench_parser_registers_subcommands() -> None:
-    parser = argparse.ArgumentParser(prog="kvt")
-    cli.add_bench_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["bench", "e2e", "--preset", "tiny", "--steps", "1,1,1"])
+def test_bench_parser_registers_subcommands() -> None:
+    args = build_parser().parse_args(["bench", "e2e", "--preset", "tiny", "--steps", "1,1,1"])
     assert args.bench_command == "e2e" and args.steps == "1,1,1" and callable(args.func)
 
 
 def test_cli_rejects_bad_values(tmp_path, capsys) -> None:
-    assert cli.main(["e2e", "--steps", "1,1", "--out", str(tmp_path)]) == cli.EXIT_INVALID
+    assert main(["bench", "e2e", "--steps", "1,1", "--out", str(tmp_path)]) == EXIT_INVALID
     assert "--steps '1,1'" in capsys.readouterr().err
-    assert cli.main(["stage", "--pipelines", "fastest", "--out", str(tmp_path)]) == cli.EXIT_INVALID
+    assert main(["bench", "stage", "--pipelines", "fastest", "--out", str(tmp_path)]) == EXIT_INVALID
     assert "allowed: baseline, fast" in capsys.readouterr().err
 
 
 def test_cli_stage_and_e2e_write_json_markdown_and_plots(tmp_path) -> None:
-    assert cli.main(["stage", "--preset", "tiny", "--fps-modes", "low", "--stages", "unet_t2v_image,movq_encoder",
-                     "--warmup", "0", "--iterations", "1", "--out", str(tmp_path), "--name", "s"]) == 0
+    assert main(["bench", "stage", "--preset", "tiny", "--fps-modes", "low", "--stages",
+                 "unet_t2v_image,movq_encoder", "--warmup", "0", "--iterations", "1", "--out", str(tmp_path),
+                 "--name", "s"]) == 0
     data = json.loads((tmp_path / "s.json").read_text())
     assert set(data["results"]) == {"baseline", "fast"} and len(data["results"]["fast"]) == 2
     assert "speed-up" in (tmp_path / "s.md").read_text()
     assert (tmp_path / "s.png").stat().st_size > 1000
 
-    assert cli.main(["e2e", "--preset", "tiny", "--fps-modes", "low", "--steps", "1,1,1", "--warmup-steps", "-1",
-                     "--out", str(tmp_path), "--name", "e"]) == 0
+    assert main(["bench", "e2e", "--preset", "tiny", "--fps-modes", "low", "--steps", "1,1,1", "--warmup-steps",
+                 "-1", "--out", str(tmp_path), "--name", "e"]) == 0
     data = json.loads((tmp_path / "e.json").read_text())
     assert {(r["pipeline"], r["fps"]) for r in data["results"]} == {("baseline", "low"), ("fast", "low")}
     assert data["fast_vs_baseline"]["low"]["frames_max_abs"] <= 1
@@ -246,7 +244,7 @@ def test_cli_stage_and_e2e_write_json_markdown_and_plots(tmp_path) -> None:
 
 
 def test_cli_flops_on_the_meta_device(tmp_path) -> None:
-    assert cli.main(["flops", "--preset", "tiny", "--width", "64", "--height", "64", "--out", str(tmp_path),
-                     "--name", "f"]) == 0
+    assert main(["bench", "flops", "--preset", "tiny", "--width", "64", "--height", "64", "--out", str(tmp_path),
+                 "--name", "f"]) == 0
     data = json.loads((tmp_path / "f.json").read_text())
     assert data["per_request"]["high"] > data["per_request"]["medium"] > data["per_request"]["low"] > 0

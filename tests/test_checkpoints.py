@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import refdata
 from kvt.models import TINY
 from kvt.models.checkpoint_write import write_checkpoint_dir
 from kvt.models.checkpoints import load_checkpoint_dir
+from kvt.models.presets import TEXT_ENCODER_FOLDER
 from kvt.models.random_weights import random_models
 from kvt.models.registry import REQUIRED_FILES
-from kvt.models.weight_files import CheckpointError
+from kvt.models.weight_files import WEIGHTS_MANIFEST, CheckpointError
+from support import refdata
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +28,12 @@ def reference_models():
 
 
 @pytest.fixture()
-def ref_copy(tmp_path) -> Path:
-    ref = refdata.require_reference()
+def ckpt_copy(tmp_path, tiny_checkpoint_dir) -> Path:
+    """A checkpoint directory in the official layout to damage: the tiny checkpoints without the
+    kvt-weights.json kvt's writer adds (official downloads have none, so the loader's own checks run)."""
     dst = tmp_path / "ckpt"
-    shutil.copytree(ref / "checkpoints", dst)
+    shutil.copytree(tiny_checkpoint_dir, dst)
+    (dst / WEIGHTS_MANIFEST).unlink()
     return dst
 
 
@@ -56,17 +59,17 @@ def test_reference_directory_loads_strictly(reference_models):
     assert models.config.replace(text_encoder=TINY.config.text_encoder) == TINY.config
 
 
-def test_missing_files_are_listed(ref_copy):
-    (ref_copy / "movq.pt").unlink()
-    (ref_copy / "t5_projections.pt").unlink()
+def test_missing_files_are_listed(ckpt_copy):
+    (ckpt_copy / "movq.pt").unlink()
+    (ckpt_copy / "t5_projections.pt").unlink()
     with pytest.raises(CheckpointError, match=r"missing checkpoint file\(s\) \['movq.pt', 't5_projections.pt'\]"):
-        load_checkpoint_dir(ref_copy)
+        load_checkpoint_dir(ckpt_copy)
 
 
-def test_missing_text_encoder_folder_points_at_the_flag(ref_copy):
-    shutil.rmtree(ref_copy / "t5_encoder")
+def test_missing_text_encoder_folder_points_at_the_flag(ckpt_copy):
+    shutil.rmtree(ckpt_copy / TEXT_ENCODER_FOLDER)
     with pytest.raises(CheckpointError, match="--text-encoder"):
-        load_checkpoint_dir(ref_copy)
+        load_checkpoint_dir(ckpt_copy)
 
 
 def _edit_unet(path: Path, edit) -> None:
@@ -75,39 +78,39 @@ def _edit_unet(path: Path, edit) -> None:
     torch.save(data, path)
 
 
-def test_unexpected_key_is_named(ref_copy):
-    _edit_unet(ref_copy / "t2v.pt", lambda sd: sd.__setitem__("bogus.weight", torch.zeros(3)))
+def test_unexpected_key_is_named(ckpt_copy):
+    _edit_unet(ckpt_copy / "t2v.pt", lambda sd: sd.__setitem__("bogus.weight", torch.zeros(3)))
     with pytest.raises(CheckpointError, match=r"t2v.pt: .*unexpected keys: bogus.weight \(1\)"):
-        load_checkpoint_dir(ref_copy)
+        load_checkpoint_dir(ckpt_copy)
 
 
-def test_missing_keys_are_named_with_shapes_and_count(ref_copy):
+def test_missing_keys_are_named_with_shapes_and_count(ckpt_copy):
     def drop(sd):
         for key in [k for k in sd if k.startswith("out_layer.")]:
             del sd[key]
-    _edit_unet(ref_copy / "t2v.pt", drop)
+    _edit_unet(ckpt_copy / "t2v.pt", drop)
     with pytest.raises(CheckpointError, match=r"missing keys: out_layer\.0\.bias \[4\].*\(4\)") as err:
-        load_checkpoint_dir(ref_copy)
+        load_checkpoint_dir(ckpt_copy)
     assert "out_layer.2.weight [4, 4, 3, 3]" in str(err.value)
 
 
-def test_many_missing_keys_show_the_first_few_and_the_count(ref_copy):
-    sd = torch.load(ref_copy / "movq.pt", weights_only=True)
-    torch.save({k: v for k, v in sd.items() if not k.startswith("decoder.")}, ref_copy / "movq.pt")
+def test_many_missing_keys_show_the_first_few_and_the_count(ckpt_copy):
+    sd = torch.load(ckpt_copy / "movq.pt", weights_only=True)
+    torch.save({k: v for k, v in sd.items() if not k.startswith("decoder.")}, ckpt_copy / "movq.pt")
     with pytest.raises(CheckpointError, match=r"movq.pt: .*missing keys: decoder\..*, \.\.\. \(\d+ in all\)"):
-        load_checkpoint_dir(ref_copy)
+        load_checkpoint_dir(ckpt_copy)
 
 
-def test_mis_shaped_key_is_named(ref_copy):
-    _edit_unet(ref_copy / "interpolation.pt", lambda sd: sd.__setitem__("in_layer.bias", torch.zeros(5)))
+def test_mis_shaped_key_is_named(ckpt_copy):
+    _edit_unet(ckpt_copy / "interpolation.pt", lambda sd: sd.__setitem__("in_layer.bias", torch.zeros(5)))
     with pytest.raises(CheckpointError, match=r"interpolation.pt: .*mis-shaped keys: in_layer.bias expected \[4\] got \[5\]"):
-        load_checkpoint_dir(ref_copy)
+        load_checkpoint_dir(ckpt_copy)
 
 
-def test_wrong_file_structure(ref_copy):
-    torch.save({"model": {}}, ref_copy / "t2v.pt")
+def test_wrong_file_structure(ckpt_copy):
+    torch.save({"model": {}}, ckpt_copy / "t2v.pt")
     with pytest.raises(CheckpointError, match=r"t2v.pt: expected a dict with 'unet'"):
-        load_checkpoint_dir(ref_copy)
+        load_checkpoint_dir(ckpt_copy)
 
 
 class _RunsCode:
@@ -116,21 +119,21 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_pickle_that_runs_code_is_refused(ref_copy, tmp_path):
+def test_pickle_that_runs_code_is_refused(ckpt_copy, tmp_path):
     marker = tmp_path / "pwned"
     payload = _RunsCode()
     payload.marker = marker
-    torch.save({"unet": payload, "null_embedding": torch.zeros(32)}, ref_copy / "t2v.pt")
+    torch.save({"unet": payload, "null_embedding": torch.zeros(32)}, ckpt_copy / "t2v.pt")
     with pytest.raises(CheckpointError, match="refused to unpickle"):
-        load_checkpoint_dir(ref_copy)
+        load_checkpoint_dir(ckpt_copy)
     assert not marker.exists(), "the crafted pickle must not run"
 
 
-def test_truncated_file_is_reported(ref_copy):
-    data = (ref_copy / "video_movq.pt").read_bytes()
-    (ref_copy / "video_movq.pt").write_bytes(data[: len(data) // 2])
+def test_truncated_file_is_reported(ckpt_copy):
+    data = (ckpt_copy / "video_movq.pt").read_bytes()
+    (ckpt_copy / "video_movq.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="video_movq.pt: unreadable or corrupted"):
-        load_checkpoint_dir(ref_copy)
+        load_checkpoint_dir(ckpt_copy)
 
 
 def test_written_directory_round_trips(tmp_path):
@@ -171,7 +174,7 @@ def test_writer_refuses_to_overwrite_and_cleans_up_on_failure(tmp_path, monkeypa
 
 
 def test_key_set_decides_the_interpolation_variant(tmp_path, caplog):
-    """configs.json cannot pin add_new_temporal_params (spec quirk 34): the keys decide."""
+    """configs.json cannot pin add_new_temporal_params (docs/spec/quirks.md, quirk 34): the keys decide."""
     variant = dataclasses.replace(
         TINY, config=TINY.config.replace(
             interpolation=dataclasses.replace(TINY.config.interpolation, add_new_temporal_params=True)))

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import refdata
 from kvt.cli.main import EXIT_INVALID, EXIT_OK, main
 
 FAST = ["--key-frame-steps", "2", "--base-frame-steps", "2", "--interpolation-steps", "2", "--no-progress"]
@@ -115,18 +114,16 @@ def test_make_weights_then_generate_from_them(tmp_path):
     assert main(["make-weights", "--out", str(weights)]) == EXIT_INVALID  # exists
 
 
-def test_generate_from_the_reference_checkpoints(tmp_path):
-    ref = refdata.require_reference()
+def test_generate_from_a_checkpoint_directory(tmp_path, tiny_checkpoint_dir):
     out = tmp_path / "v.mp4"
-    assert main(["generate", "a cat on the beach", "--weights", str(ref / "checkpoints"), "--width", "64",
+    assert main(["generate", "a cat on the beach", "--weights", str(tiny_checkpoint_dir), "--width", "64",
                  "--height", "64", "--out", str(out), *FAST]) == EXIT_OK
     assert _frames(out).shape == (12, 64, 64, 3)
 
 
-def test_missing_checkpoint_file_exits_2(tmp_path, capsys):
-    ref = refdata.require_reference()
+def test_missing_checkpoint_file_exits_2(tmp_path, capsys, tiny_checkpoint_dir):
     weights = tmp_path / "w"
-    shutil.copytree(ref / "checkpoints", weights)
+    shutil.copytree(tiny_checkpoint_dir, weights)
     (weights / "video_movq.pt").unlink()
     assert main(["generate", "a cat", "--weights", str(weights), "--out", str(tmp_path / "v.mp4")]) == EXIT_INVALID
     assert "missing checkpoint file(s) ['video_movq.pt']" in capsys.readouterr().err

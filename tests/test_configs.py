@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-import refdata
 from kvt.models import (
     FULL,
     TINY,
@@ -15,6 +14,7 @@ from kvt.models import (
     UNetT2VConfig,
     UnsupportedConfigError,
 )
+from support import refdata
 
 
 def test_reference_configs_are_the_tiny_preset():

@@ -18,13 +18,13 @@ import pytest
 import torch
 from PIL import Image
 
-import refdata
 from kvt.contract.request import MOTION_SCORES
 from kvt.models.checkpoints import load_checkpoint_dir
 from kvt.runtime.images import key_frame_pixels
 from kvt.runtime.noise import RecordedDraw, ReplayNoise
 from kvt.runtime.pipeline import KandinskyVideoPipeline
-from recording import RecordingBackend
+from support import refdata
+from support.recording import RecordingBackend
 
 LATENT_ATOL = 1e-4  # reference README: stage-wise latents
 FRAME_MAX_DIFF = 1  # reference README: uint8 frames differ by at most 1 ...

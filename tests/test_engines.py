@@ -1,24 +1,23 @@
 """kvt.engines without TensorRT: profiles, cache keys, the engine manifest, the build flow and its
 error paths, `kvt build` / `kvt doctor`.
 
-Where a build or a backend load is exercised, ``FakeTensorRT`` stands in for the TensorRT library
-only (it records what it is asked and returns bytes instead of plans); everything else (export
-manifests, ONNX files read with ``onnx``, the cache, the CLI) is real. The real library is exercised
+Where a build or a backend load is exercised, ``FakeTensorRT`` (tests/support/fake_tensorrt.py) stands in
+for the TensorRT library only (it records what it is asked and returns bytes instead of plans);
+everything else (the tiny FP16 export, ONNX files read with ``onnx``, the cache, the CLI) is real. The real library is exercised
 by tests/test_tensorrt_engines.py on a GPU machine.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import json
 from pathlib import Path
 
-import onnx
 import pytest
 import torch
 
-from kvt.cli.engines import parse_size
+from kvt.cli.common import parse_size
+from kvt.cli.main import EXIT_FAILURE, EXIT_INVALID, EXIT_OK, main
 from kvt.contract.profiles import (
     ProfileError,
     Resolution,
@@ -39,6 +38,7 @@ from kvt.models.presets import get_preset
 from kvt.models.stage_modules import stage_table_for
 from kvt.runtime.backends.tensorrt.runner import choose_profile, torch_dtype
 from kvt.runtime.backends.tensorrt.trt_env import GpuInfo, TensorRTUnavailable, import_tensorrt, require_gpu
+from support.fake_tensorrt import FakeTensorRT
 
 TINY = stage_table_for(get_preset("tiny").config)  # resolution 64 / 64 / 256
 FULL = stage_table_for(get_preset("full").config)  # resolution 256 / 512 / 1024
@@ -291,224 +291,6 @@ def test_parse_size():
 
 # ------------------------------------------------------------------------------------- the fake library
 
-class _Enum(enum.Enum):
-    pass
-
-
-class FakeTensorRT:
-    """A stand-in for the ``tensorrt`` module (and nothing else): just the API the builder and the
-    runner call, recording what it was asked. Plans are JSON descriptions of the build request."""
-
-    __version__ = "10.13.0.35"
-    builds = 0
-    fail_parse: list[tuple[int, str, str, str]] = []  # (node index, name, operator, description)
-    fail_build = False
-    last_flags: int | None = None
-    last_timing_cache: bytes | None = None
-
-    DataType = _Enum("DataType", "FLOAT HALF BF16 INT32 INT64 BOOL INT8 UINT8")
-    MemoryPoolType = _Enum("MemoryPoolType", "WORKSPACE")
-    TensorIOMode = _Enum("TensorIOMode", "NONE INPUT OUTPUT")
-
-    class NetworkDefinitionCreationFlag:
-        STRONGLY_TYPED = 1
-
-    class ILogger:
-        Severity = _Enum("Severity", "INTERNAL_ERROR ERROR WARNING INFO VERBOSE")
-
-        def __init__(self) -> None:
-            pass
-
-    class _Tensor:
-        def __init__(self, name, dtype, rank):
-            self.name, self.dtype, self.shape = name, dtype, (-1,) * rank
-
-    class _Network:
-        def __init__(self, flags):
-            self.flags, self.inputs, self.outputs = flags, [], []
-            FakeTensorRT.last_flags = flags
-
-        num_inputs = property(lambda self: len(self.inputs))
-        num_outputs = property(lambda self: len(self.outputs))
-
-        def get_input(self, i):
-            return self.inputs[i]
-
-        def get_output(self, i):
-            return self.outputs[i]
-
-    class _ParserError:
-        def __init__(self, node, name, op, desc):
-            self._v = (node, name, op, desc)
-
-        def node(self):
-            return self._v[0]
-
-        def node_name(self):
-            return self._v[1]
-
-        def node_operator(self):
-            return self._v[2]
-
-        def desc(self):
-            return self._v[3]
-
-        def code(self):
-            return "ErrorCode.UNSUPPORTED_NODE"
-
-    class OnnxParser:
-        _TYPES = {1: "FLOAT", 10: "HALF", 16: "BF16", 6: "INT32", 7: "INT64", 9: "BOOL"}
-
-        def __init__(self, network, logger):
-            self.network, self.errors = network, []
-
-        def parse_from_file(self, path):
-            if FakeTensorRT.fail_parse:
-                self.errors = [FakeTensorRT._ParserError(*e) for e in FakeTensorRT.fail_parse]
-                return False
-            graph = onnx.load(path, load_external_data=False).graph
-            for values, target in ((graph.input, self.network.inputs), (graph.output, self.network.outputs)):
-                for value in values:
-                    kind = value.type.tensor_type
-                    target.append(FakeTensorRT._Tensor(value.name, getattr(FakeTensorRT.DataType, self._TYPES[kind.elem_type]),
-                                                       len(kind.shape.dim)))
-            return True
-
-        num_errors = property(lambda self: len(self.errors))
-
-        def get_error(self, i):
-            return self.errors[i]
-
-    class _Profile:
-        def __init__(self):
-            self.shapes = {}
-
-        def set_shape(self, name, low, opt, high):
-            self.shapes[name] = [list(low), list(opt), list(high)]
-
-    class _TimingCache:
-        def __init__(self, data):
-            self.data = bytes(data) + b"+"
-
-        def serialize(self):
-            return self.data
-
-    class _Config:  # no set_flag: a precision flag would fail the build
-        def __init__(self):
-            self.builder_optimization_level = None
-            self.pools, self.profiles, self.cache = {}, [], None
-
-        def set_memory_pool_limit(self, pool, size):
-            self.pools[pool.name] = size
-
-        def create_timing_cache(self, data):
-            FakeTensorRT.last_timing_cache = bytes(data)
-            return FakeTensorRT._TimingCache(data)
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            self.cache = cache
-            return True
-
-        def get_timing_cache(self):
-            return self.cache
-
-        def add_optimization_profile(self, profile):
-            self.profiles.append(profile.shapes)
-
-    class Builder:
-        def __init__(self, logger):
-            self.logger = logger
-
-        def create_network(self, flags):
-            return FakeTensorRT._Network(flags)
-
-        def create_builder_config(self):
-            return FakeTensorRT._Config()
-
-        def create_optimization_profile(self):
-            return FakeTensorRT._Profile()
-
-        def build_serialized_network(self, network, config):
-            if FakeTensorRT.fail_build:
-                self.logger.log(FakeTensorRT.ILogger.Severity.ERROR, "out of fake memory")
-                return None
-            FakeTensorRT.builds += 1
-            io = [[t.name, True, t.dtype.name] for t in network.inputs]
-            io += [[t.name, False, t.dtype.name] for t in network.outputs]
-            return json.dumps({"inputs": [t.name for t in network.inputs], "io": io, "profiles": config.profiles,
-                               "level": config.builder_optimization_level, "pools": config.pools}).encode()
-
-
-    class _Context:
-        def __init__(self, engine, strategy):
-            self.engine, self.strategy, self.calls, self.shapes = engine, strategy, [], {}
-
-        def set_optimization_profile_async(self, index, stream):
-            self.calls.append(("profile", index))
-            self.profile = index
-            return True
-
-        def set_input_shape(self, name, shape):
-            self.shapes[name] = tuple(shape)
-            return True
-
-        def get_tensor_shape(self, name):
-            return FakeTensorRT.output_shape(name, self.shapes)  # the real library infers it
-
-        def set_tensor_address(self, name, pointer):
-            self.calls.append(("address", name, pointer))
-
-        def set_device_memory(self, pointer, size):
-            self.calls.append(("memory", pointer, size))
-
-        def execute_async_v3(self, stream):
-            self.calls.append(("execute", stream))
-            return True
-
-    output_shape = None  # set by runner tests: (output name, input shapes) -> shape
-
-    class _Engine:
-        def __init__(self, plan):
-            data = json.loads(plan)
-            self.io, self.ranges = data["io"], data["profiles"]
-            self.contexts = []
-
-        num_io_tensors = property(lambda self: len(self.io))
-        num_optimization_profiles = property(lambda self: len(self.ranges))
-        device_memory_size_v2 = property(lambda self: 4096)
-
-        def get_tensor_name(self, i):
-            return self.io[i][0]
-
-        def get_tensor_mode(self, name):
-            is_input = next(entry[1] for entry in self.io if entry[0] == name)
-            return FakeTensorRT.TensorIOMode.INPUT if is_input else FakeTensorRT.TensorIOMode.OUTPUT
-
-        def get_tensor_dtype(self, name):
-            return getattr(FakeTensorRT.DataType, next(entry[2] for entry in self.io if entry[0] == name))
-
-        def get_tensor_profile_shape(self, name, index):
-            return self.ranges[index][name]
-
-        def create_execution_context(self, strategy):
-            context = FakeTensorRT._Context(self, strategy)
-            self.contexts.append(context)
-            return context
-
-    ExecutionContextAllocationStrategy = _Enum("ExecutionContextAllocationStrategy", "STATIC ON_PROFILE_CHANGE USER_MANAGED")
-
-    class Runtime:
-        def __init__(self, logger):
-            self.logger = logger
-
-        def deserialize_cuda_engine(self, plan):
-            try:
-                return FakeTensorRT._Engine(plan)
-            except ValueError:
-                self.logger.log(FakeTensorRT.ILogger.Severity.ERROR, "magic tag mismatch")
-                return None
-
-
 @pytest.fixture
 def fake_trt(monkeypatch):
     for name, value in (("builds", 0), ("fail_parse", []), ("fail_build", False), ("last_flags", None)):
@@ -517,8 +299,8 @@ def fake_trt(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def export_dir(reference_export_fp16) -> Path:
-    return reference_export_fp16
+def export_dir(tiny_export_fp16) -> Path:
+    return tiny_export_fp16
 
 
 def _build(export_dir, out, trt, messages, **kwargs):
@@ -629,17 +411,11 @@ def test_require_gpu_without_one():
 
 @pytest.mark.skipif(_has_real_tensorrt() and torch.cuda.is_available(), reason="TensorRT and a GPU are here")
 def test_kvt_build_fails_fast_without_tensorrt(export_dir, tmp_path, capsys):
-    import argparse
     import time
 
-    from kvt.cli.engines import EXIT_FAILURE, add_build_parser
-
-    parser = argparse.ArgumentParser()
-    add_build_parser(parser.add_subparsers())
-    args = parser.parse_args(["build", "--onnx", str(export_dir), "--out", str(tmp_path / "e"),
-                              "--resolution", "64x64", "--fps", "low"])
     start = time.perf_counter()
-    assert args.func(args) == EXIT_FAILURE
+    assert main(["build", "--onnx", str(export_dir), "--out", str(tmp_path / "e"),
+                 "--resolution", "64x64", "--fps", "low"]) == EXIT_FAILURE
     assert time.perf_counter() - start < 5
     err = capsys.readouterr().err
     assert "cannot build here" in err and "nvcr.io/nvidia/tensorrt" in err and "pip install tensorrt" in err
@@ -647,36 +423,20 @@ def test_kvt_build_fails_fast_without_tensorrt(export_dir, tmp_path, capsys):
 
 
 def test_kvt_build_rejects_bad_flags(tmp_path, capsys):
-    import argparse
-
-    from kvt.cli.engines import EXIT_INVALID, add_build_parser
-
-    parser = argparse.ArgumentParser()
-    add_build_parser(parser.add_subparsers())
     for flags, message in ((["--resolution", "500x500"], "width 500"), (["--fps", "fast"], "fps mode 'fast'"),
                            (["--workspace", "much"], "size 'much'"), (["--opt-level", "8"], "level 8")):
-        args = parser.parse_args(["build", "--onnx", str(tmp_path), "--out", str(tmp_path / "e"), *flags])
-        assert args.func(args) == EXIT_INVALID
+        assert main(["build", "--onnx", str(tmp_path), "--out", str(tmp_path / "e"), *flags]) == EXIT_INVALID
         assert message in capsys.readouterr().err
-    args = parser.parse_args(["build", "--onnx", str(tmp_path / "missing"), "--out", str(tmp_path / "e")])
-    assert args.func(args) == EXIT_INVALID
+    assert main(["build", "--onnx", str(tmp_path / "missing"), "--out", str(tmp_path / "e")]) == EXIT_INVALID
     assert "does not exist" in capsys.readouterr().err
 
 
 def test_kvt_doctor(capsys):
-    import argparse
-
-    from kvt.cli.engines import add_doctor_parser
-
-    parser = argparse.ArgumentParser()
-    add_doctor_parser(parser.add_subparsers())
-    args = parser.parse_args(["doctor"])
-    assert args.func(args) == 0
+    assert main(["doctor"]) == EXIT_OK
     text = capsys.readouterr().out
     for word in ("gpu", "nvidia driver", "tensorrt", "onnxruntime", "tritonserver", "backends:", "torch"):
         assert word in text
-    args = parser.parse_args(["doctor", "--json"])
-    args.func(args)
+    main(["doctor", "--json"])
     data = json.loads(capsys.readouterr().out)
     assert set(data["backends"]) == {"torch", "onnxruntime", "tensorrt", "triton"}
     if not _has_real_tensorrt():

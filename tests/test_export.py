@@ -1,7 +1,7 @@
 """``kvt export``: ONNX graphs per stage (FP32 and FP16), parity reports, manifest, and error paths.
 
-The two full exports (the reference checkpoints in FP32 and FP16) are session fixtures shared with the
-ONNX Runtime backend tests; error paths use single small stages to stay fast.
+The two full exports (the tiny checkpoints in FP32 and FP16) are session fixtures (conftest.py) shared
+with the backend, engine and Triton tests; error paths use single small stages to stay fast.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import onnx
 import pytest
 import torch
 
-import refdata
 from kvt.cli.main import EXIT_INVALID, EXIT_OK, main
 from kvt.export import attach as attach_module
 from kvt.export import parity as parity_module
@@ -35,8 +34,10 @@ ONNX_DTYPES = {"float32": onnx.TensorProto.FLOAT, "int32": onnx.TensorProto.INT3
                "bool": onnx.TensorProto.BOOL}
 
 
-def _reference_source() -> ExportSource:
-    return ExportSource("tiny", weights=str(refdata.require_reference() / "checkpoints"))
+@pytest.fixture(scope="module")
+def source(tiny_checkpoint_dir) -> ExportSource:
+    """The tiny checkpoints (conftest.py) as an export source."""
+    return ExportSource("tiny", weights=str(tiny_checkpoint_dir))
 
 
 def _graph(directory: Path, stage: str, load_data: bool = False) -> onnx.ModelProto:
@@ -47,7 +48,7 @@ def _graph(directory: Path, stage: str, load_data: bool = False) -> onnx.ModelPr
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_full_export_manifest_and_parity(request, precision):
-    directory = request.getfixturevalue(f"reference_export_{precision}")
+    directory = request.getfixturevalue(f"tiny_export_{precision}")
     manifest = ExportManifest.read(directory)
     manifest.verify_files(directory, check_hashes=True)
     assert manifest.precision == precision and manifest.opset == OPSET
@@ -72,7 +73,7 @@ def test_full_export_manifest_and_parity(request, precision):
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_graphs_follow_the_stage_table(request, precision):
-    directory = request.getfixturevalue(f"reference_export_{precision}")
+    directory = request.getfixturevalue(f"tiny_export_{precision}")
     table = stage_table_for(TINY.config)
     for stage in STAGES:
         spec, graph = table[stage], _graph(directory, stage)
@@ -90,11 +91,11 @@ def test_graphs_follow_the_stage_table(request, precision):
                         f"{stage}.{tensor.name} axis {axis} must stay dynamic ({name})"
 
 
-def test_fp16_policy(reference_export_fp16):
+def test_fp16_policy(tiny_export_fp16):
     """U-Nets compute in FP16 with Softmax in FP32; T5 and the MoVQs stay FP32; I/O stays FP32."""
-    manifest = ExportManifest.read(reference_export_fp16)
+    manifest = ExportManifest.read(tiny_export_fp16)
     for stage in STAGES:
-        graph = _graph(reference_export_fp16, stage)
+        graph = _graph(tiny_export_fp16, stage)
         # The network's weights (folded constants such as the FP32 sinusoid frequencies are islands).
         weights = {i.data_type for i in graph.graph.initializer if i.name.startswith("network.") and len(i.dims) >= 2}
         unet = stage.startswith("unet")
@@ -127,12 +128,12 @@ def test_random_weights_stream_exactly_the_random_models(tmp_path):
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
-def test_large_models_use_external_data(tmp_path, monkeypatch):
+def test_large_models_use_external_data(source, tmp_path, monkeypatch):
     import onnxruntime as ort
 
     monkeypatch.setattr(attach_module, "EXTERNAL_DATA_BYTES", 1000)
     out = tmp_path / "external"
-    manifest = export_onnx(_reference_source(), out, ExportOptions(stages=("text_encoder",)))
+    manifest = export_onnx(source, out, ExportOptions(stages=("text_encoder",)))
     entry = manifest.stages["text_encoder"]
     assert entry.external_data == "text_encoder.onnx.data" and (out / entry.external_data).is_file()
     assert set(entry.files) == {"text_encoder.onnx", "text_encoder.onnx.data"}
@@ -145,32 +146,32 @@ def test_large_models_use_external_data(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------ identity and errors
 
-def test_same_export_is_reused_and_a_different_one_refused(tmp_path):
+def test_same_export_is_reused_and_a_different_one_refused(source, tmp_path):
     out = tmp_path / "te"
     options = ExportOptions(stages=("text_encoder",), parity_shapes=("min",))
-    first = export_onnx(_reference_source(), out, options)
+    first = export_onnx(source, out, options)
     messages: list[str] = []
-    again = export_onnx(_reference_source(), out, options, report=messages.append)
+    again = export_onnx(source, out, options, report=messages.append)
     assert any("reusing" in m for m in messages) and again.created == first.created
     with pytest.raises(ExportInputError, match="already holds a different export.*precision"):
-        export_onnx(_reference_source(), out, ExportOptions(precision="fp16", stages=("text_encoder",)))
+        export_onnx(source, out, ExportOptions(precision="fp16", stages=("text_encoder",)))
     with pytest.raises(ExportInputError, match="different export.*stages"):
-        export_onnx(_reference_source(), out, ExportOptions(stages=("text_encoder", "movq_encoder")))
-    replaced = export_onnx(_reference_source(), out, ExportOptions(stages=("movq_encoder",), parity_shapes=(),
+        export_onnx(source, out, ExportOptions(stages=("text_encoder", "movq_encoder")))
+    replaced = export_onnx(source, out, ExportOptions(stages=("movq_encoder",), parity_shapes=(),
                                                                    overwrite=True))
     assert list(replaced.stages) == ["movq_encoder"] and not (out / "text_encoder.onnx").exists()
 
 
-def test_damaged_export_is_detected(tmp_path):
+def test_damaged_export_is_detected(source, tmp_path):
     out = tmp_path / "te"
     options = ExportOptions(stages=("text_encoder",), parity_shapes=())
-    export_onnx(_reference_source(), out, options)
+    export_onnx(source, out, options)
     data = (out / "text_encoder.onnx").read_bytes()
     (out / "text_encoder.onnx").write_bytes(data[: len(data) // 2])
     with pytest.raises(ExportManifestError, match="truncated or replaced"):
         ExportManifest.read(out).verify_files(out)
     with pytest.raises(ExportInputError, match="damaged"):
-        export_onnx(_reference_source(), out, options)
+        export_onnx(source, out, options)
 
 
 @pytest.mark.parametrize("options,message", [
@@ -179,26 +180,26 @@ def test_damaged_export_is_detected(tmp_path):
     (ExportOptions(jobs=0), "jobs=0"),
     (ExportOptions(parity_shapes=("huge",)), r"parity shapes \['huge'\]"),
 ])
-def test_bad_options(tmp_path, options, message):
+def test_bad_options(source, tmp_path, options, message):
     with pytest.raises(ExportInputError, match=message):
-        export_onnx(_reference_source(), tmp_path / "out", options)
+        export_onnx(source, tmp_path / "out", options)
     assert not (tmp_path / "out").exists()
 
 
-def test_checkpoint_preset_mismatch():
+def test_checkpoint_preset_mismatch(tiny_checkpoint_dir):
     with pytest.raises(CheckpointError, match=r"not the 'full' preset's architecture: t2v.model_channels: 8"):
-        export_onnx(ExportSource("full", weights=str(refdata.require_reference() / "checkpoints")), "/tmp/unused")
+        export_onnx(ExportSource("full", weights=str(tiny_checkpoint_dir)), "/tmp/unused")
 
 
-def test_occupied_directory_is_refused(tmp_path):
+def test_occupied_directory_is_refused(source, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
     with pytest.raises(ExportInputError, match="not empty and holds no kvt export"):
-        export_onnx(_reference_source(), tmp_path / "out", ExportOptions(stages=("text_encoder",)))
+        export_onnx(source, tmp_path / "out", ExportOptions(stages=("text_encoder",)))
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
 
 
-def test_not_enough_disk_space(tmp_path, monkeypatch):
+def test_not_enough_disk_space(source, tmp_path, monkeypatch):
     import kvt.export.exporter as exporter
 
     class Usage:
@@ -206,11 +207,11 @@ def test_not_enough_disk_space(tmp_path, monkeypatch):
 
     monkeypatch.setattr(exporter.shutil, "disk_usage", lambda path: Usage())
     with pytest.raises(ExportInputError, match=r"not enough disk space .* needs about .* GiB"):
-        export_onnx(_reference_source(), tmp_path / "out", ExportOptions(stages=("text_encoder",)))
+        export_onnx(source, tmp_path / "out", ExportOptions(stages=("text_encoder",)))
     assert list(tmp_path.iterdir()) == []
 
 
-def test_disk_full_while_writing_leaves_nothing(tmp_path, monkeypatch):
+def test_disk_full_while_writing_leaves_nothing(source, tmp_path, monkeypatch):
     import kvt.export.exporter as exporter
 
     def full(*args, **kwargs):
@@ -218,29 +219,29 @@ def test_disk_full_while_writing_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(exporter, "_write_assets", full)
     with pytest.raises(ExportError, match="disk full while exporting"):
-        export_onnx(_reference_source(), tmp_path / "out", ExportOptions(stages=("text_encoder",), parity_shapes=()))
+        export_onnx(source, tmp_path / "out", ExportOptions(stages=("text_encoder",), parity_shapes=()))
     assert list(tmp_path.iterdir()) == [], "neither the output nor a temporary directory is left"
 
 
-def test_parity_failure_rejects_the_export(tmp_path, monkeypatch):
+def test_parity_failure_rejects_the_export(source, tmp_path, monkeypatch):
     monkeypatch.setitem(parity_module.THRESHOLDS, "fp32", parity_module.Threshold(max_rel=1e-12, min_cosine=1.0))
     with pytest.raises(ParityError, match=r"parity thresholds exceeded for \['text_encoder'\]"):
-        export_onnx(_reference_source(), tmp_path / "out", ExportOptions(stages=("text_encoder",)))
+        export_onnx(source, tmp_path / "out", ExportOptions(stages=("text_encoder",)))
     assert not (tmp_path / "out").exists()
     rejected = tmp_path / "out.rejected"
     assert "**NO**" in (rejected / "parity.md").read_text()
 
 
-def test_cli_export_and_errors(tmp_path, capsys):
-    ref = refdata.require_reference() / "checkpoints"
+def test_cli_export_and_errors(tmp_path, capsys, tiny_checkpoint_dir):
+    weights = tiny_checkpoint_dir
     out = tmp_path / "te"
-    assert main(["export", "--preset", "tiny", "--weights", str(ref), "--out", str(out), "--stages", "text_encoder",
+    assert main(["export", "--preset", "tiny", "--weights", str(weights), "--out", str(out), "--stages", "text_encoder",
                  "--parity-shapes", "min,odd"]) == EXIT_OK
     err = capsys.readouterr().err
     assert "parity text_encoder: worst max rel" in err and (out / "manifest.json").is_file()
-    assert main(["export", "--weights", str(ref), "--out", str(tmp_path / "x"), "--stages", "nope"]) == EXIT_INVALID
+    assert main(["export", "--weights", str(weights), "--out", str(tmp_path / "x"), "--stages", "nope"]) == EXIT_INVALID
     assert "unknown stage(s) ['nope']" in capsys.readouterr().err
-    assert main(["export", "--preset", "full", "--weights", str(ref), "--out", str(tmp_path / "y")]) == EXIT_INVALID
+    assert main(["export", "--preset", "full", "--weights", str(weights), "--out", str(tmp_path / "y")]) == EXIT_INVALID
     assert "not the 'full' preset's architecture" in capsys.readouterr().err
     assert main(["export", "--preset", "huge", "--out", str(tmp_path / "z")]) == EXIT_INVALID
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

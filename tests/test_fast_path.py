@@ -1,4 +1,4 @@
-"""The fast path's text-only hoisting (spec deployment.md, rewrite 3): exact, and really done once per loop."""
+"""The fast path's text-only hoisting (docs/spec/deployment.md, rewrite 3): exact, and really done once per loop."""
 
 from __future__ import annotations
 

@@ -23,15 +23,10 @@ from PIL import Image
 
 from kvt.contract.request import MAX_PROMPT_CHARS, GenerationRequest, InvalidRequestError, validate_request
 from kvt.contract.stages import FPS_FRAMES
-from kvt.runtime.pipeline import GenerationTimeout, KandinskyVideoPipeline
+from kvt.runtime.pipeline import GenerationTimeout
 
 CASES = {"tried": 0, "served": 0, "rejected": 0, "timed_out": 0}
 TIME_LIMIT_S = 5.0  # per request; valid-but-expensive draws (e.g. 96 or 1000 steps) are stopped by it
-
-
-@pytest.fixture(scope="module")
-def pipeline():
-    return KandinskyVideoPipeline.from_preset("tiny", seed=0)
 
 
 _junk = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
@@ -111,14 +106,14 @@ def _no_leftovers(tmp_path_factory):
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                  HealthCheck.data_too_large])
 @given(kwargs=requests())
-def test_random_requests_are_served_or_rejected_cleanly(pipeline, kwargs):
+def test_random_requests_are_served_or_rejected_cleanly(tiny_pipeline, kwargs):
     CASES["tried"] += 1
     kwargs = dict(kwargs)
     prompt = kwargs.pop("prompt")
     kwargs.setdefault("timeout_s", TIME_LIMIT_S)
     start = time.monotonic()
     try:
-        out = pipeline(prompt, progress=False, **kwargs)
+        out = tiny_pipeline(prompt, progress=False, **kwargs)
     except GenerationTimeout as exc:
         CASES["timed_out"] += 1
         assert time.monotonic() - start < float(kwargs["timeout_s"]) + 30, "stopped within a step"
@@ -175,27 +170,27 @@ def _resolution():
     return stage_table_for(TINY.config).resolution
 
 
-def test_oversized_image_is_refused_before_decoding(tmp_path, pipeline):
+def test_oversized_image_is_refused_before_decoding(tmp_path, tiny_pipeline):
     path = tmp_path / "huge.png"
     Image.new("L", (9000, 10)).save(path)  # small file, too many pixels per side
     with pytest.raises(InvalidRequestError, match=r"9000x10 pixels: at most 8192 per side"):
-        pipeline("a cat", image=path, progress=False)
+        tiny_pipeline("a cat", image=path, progress=False)
 
 
-def test_image_formats_outside_the_list_are_not_tried(tmp_path, pipeline):
+def test_image_formats_outside_the_list_are_not_tried(tmp_path, tiny_pipeline):
     path = tmp_path / "picture.ico"
     Image.new("RGB", (64, 64)).save(path)
     with pytest.raises(InvalidRequestError, match="formats"):
-        pipeline("a cat", image=path, progress=False)
+        tiny_pipeline("a cat", image=path, progress=False)
 
 
-def test_timeout_stops_within_one_step(pipeline):
+def test_timeout_stops_within_one_step(tiny_pipeline):
     seen = []
     start = time.monotonic()
     with pytest.raises(GenerationTimeout, match="time limit of 0.001 s at key_frame step 0") as err:
-        pipeline("a cat", seed=1, progress=False, timeout_s=0.001, callback=lambda info: seen.append(info.step))
+        tiny_pipeline("a cat", seed=1, progress=False, timeout_s=0.001, callback=lambda info: seen.append(info.step))
     assert err.value.stage == "key_frame" and err.value.step == 0 and not seen
     assert time.monotonic() - start < 30
-    out = pipeline("a cat", seed=1, progress=False, key_frame_steps=1, base_frame_steps=1)
+    out = tiny_pipeline("a cat", seed=1, progress=False, key_frame_steps=1, base_frame_steps=1)
     assert out.frames.shape[0] == 12, "the pipeline serves the next request"
     assert not math.isnan(float(out.latents.abs().sum()))

@@ -3,7 +3,7 @@
 The cases come from MANIFEST.json (every ``modules/`` file produced by ``kandinsky_video.movq.MoVQ``), so
 another reference folder in the same format runs unchanged. Besides plain parity, this pins the two
 batch-coupling behaviours of the official decoder: chunks of frames are independent temporal contexts,
-and the spatial attention norms use the first item's ``zq`` (../shared/spec/movq.md, quirks 25-26).
+and the spatial attention norms use the first item's ``zq`` (docs/spec/movq.md, quirks 25-26).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from functools import cache
 import pytest
 import torch
 
-import refdata
 from kvt.models import TINY
 from kvt.models.movq import MoVQ
+from support import refdata
 
 PRODUCER = "kandinsky_video.movq.MoVQ"
 # The reference README: decoding movq_decode_B as one batch of 2 vs item by item changes item 1 by 2.28.

@@ -1,7 +1,7 @@
 """Structure of kvt.models.movq.MoVQ: parameter counts, key sets, dtypes, chunk validation, export.
 
 Full-size counts are the official modules' counts measured on the meta device
-(../shared/spec/checkpoints.md); tiny key sets must equal the reference checkpoints' exactly.
+(docs/spec/checkpoints.md); tiny key sets must equal the reference checkpoints' exactly.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-import refdata
 from kvt.models import FULL, TINY, MoVQConfig
 from kvt.models.movq import MoVQ, decoder_attention_levels, encoder_attention_levels
+from support import refdata
 
 # bf16 has an 8-bit significand; through ~40 layers the tiny MoVQs drift by up to 3.5 % of the
 # output range (measured max abs / max output: movq_encode_B 0.052 / 2.97, movq_decode_B 0.135 / 3.93,

@@ -15,21 +15,16 @@ from kvt.contract.plan import request_plan
 from kvt.contract.request import InvalidRequestError
 from kvt.contract.stages import FPS_FRAMES
 from kvt.runtime.pipeline import GenerationCancelled, KandinskyVideoPipeline, StepInfo, interleave
-from recording import RecordingBackend
+from support.recording import RecordingBackend
 
 FAST = dict(key_frame_steps=3, base_frame_steps=3, interpolation_steps=2, progress=False)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return KandinskyVideoPipeline.from_preset("tiny", seed=0)
-
-
 @pytest.fixture()
-def recorded(tiny):
-    backend = RecordingBackend(tiny.backend)
-    return KandinskyVideoPipeline(backend, tiny.tokenizer, tiny.t2v_null_embedding,
-                                  tiny.interpolation_null_embedding, (64, 64)), backend
+def recorded(tiny_pipeline):
+    backend = RecordingBackend(tiny_pipeline.backend)
+    return KandinskyVideoPipeline(backend, tiny_pipeline.tokenizer, tiny_pipeline.t2v_null_embedding,
+                                  tiny_pipeline.interpolation_null_embedding, (64, 64)), backend
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +55,9 @@ def test_image_to_video(recorded, photo):
     assert out.key_frame is photo
 
 
-def test_interpolated_video_keeps_base_frames_at_every_fourth_index(tiny):
-    out = tiny("a cat", fps="medium", seed=3, **FAST)
-    base = tiny("a cat", fps="low", seed=3, **FAST)
+def test_interpolated_video_keeps_base_frames_at_every_fourth_index(tiny_pipeline):
+    out = tiny_pipeline("a cat", fps="medium", seed=3, **FAST)
+    base = tiny_pipeline("a cat", fps="low", seed=3, **FAST)
     assert torch.equal(out.latents[::4], base.latents)
 
 
@@ -76,14 +71,14 @@ def test_interleave_layout():
     assert video[5:8, 0, 0, 0].tolist() == [22, 26, 30]
 
 
-def test_seed_reproducible_and_distinct(tiny):
-    a = tiny("a dog running", seed=5, **FAST)
-    b = tiny("a dog running", seed=5, **FAST)
-    c = tiny("a dog running", seed=6, **FAST)
+def test_seed_reproducible_and_distinct(tiny_pipeline):
+    a = tiny_pipeline("a dog running", seed=5, **FAST)
+    b = tiny_pipeline("a dog running", seed=5, **FAST)
+    c = tiny_pipeline("a dog running", seed=6, **FAST)
     assert np.array_equal(a.frames, b.frames)
     assert not np.array_equal(a.frames, c.frames)
     assert a.seed == 5
-    d = tiny("a dog running", **FAST)
+    d = tiny_pipeline("a dog running", **FAST)
     assert isinstance(d.seed, int), "an unseeded request reports the seed it drew"
 
 
@@ -145,14 +140,14 @@ def test_small_or_unreadable_image(recorded, tmp_path):
     assert backend.calls == []
 
 
-def test_long_prompt_is_truncated_and_reported(tiny):
+def test_long_prompt_is_truncated_and_reported(tiny_pipeline):
     prompt = "a red car is drifting on the mountain road, close view, fast movement, at night in the rain"
     with pytest.warns(UserWarning, match="truncated"):
-        out = tiny(prompt, seed=1, **FAST)
+        out = tiny_pipeline(prompt, seed=1, **FAST)
     assert out.prompt_truncated and out.prompt_tokens == 16
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert not tiny("a cat", seed=1, **FAST).prompt_truncated
+        assert not tiny_pipeline("a cat", seed=1, **FAST).prompt_truncated
 
 
 def test_bfloat16_unets_run(tmp_path):
@@ -163,8 +158,8 @@ def test_bfloat16_unets_run(tmp_path):
 
 
 @pytest.mark.parametrize("suffix", [".mp4", ".gif"])
-def test_video_files(tiny, tmp_path, suffix):
-    out = tiny("a cat", seed=1, **FAST)
+def test_video_files(tiny_pipeline, tmp_path, suffix):
+    out = tiny_pipeline("a cat", seed=1, **FAST)
     path = out.save(tmp_path / f"video{suffix}")
     frames = iio.imread(path, index=None)
     assert frames.shape[0] == 12 and frames.shape[1:3] == (64, 64)

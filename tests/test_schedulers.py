@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import refdata
 from kvt.runtime.schedulers import Sampler, interpolation_sampler, key_frame_sampler
+from support import refdata
 
 SCHEDULER_FILE = "schedulers/schedulers.safetensors"
 # Reference README, "Tolerances": use atol 2e-5 for the scheduler step (or match diffusers' float32

@@ -25,12 +25,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.triton]
 psutil = pytest.importorskip("psutil")
 pytest.importorskip("tritonclient.grpc")
 
-from kvt.contract.request import GenerationRequest
-from kvt.runtime.pipeline import KandinskyVideoPipeline
-from kvt.serving.client import TritonVideoClient
-from kvt.serving.generator import configs
-from kvt.serving.generator.repository import build_repository
-from kvt.serving.local_server import ServerError, TritonServer, find_bundled_triton
+from kvt.contract.request import GenerationRequest  # noqa: E402
+from kvt.formats import triton_repo  # noqa: E402
+from kvt.runtime.pipeline import KandinskyVideoPipeline  # noqa: E402
+from kvt.serving.client import TritonVideoClient  # noqa: E402
+from kvt.serving.generator import configs  # noqa: E402
+from kvt.serving.generator.repository import build_repository  # noqa: E402
+from kvt.serving.local_server import ServerError, TritonServer, find_bundled_triton  # noqa: E402
 
 RSS_GROWTH_BOUND_MIB = 64.0
 SEEDS = range(8)
@@ -54,19 +55,19 @@ def _server_rss(process: psutil.Process) -> float:
     return total / 2**20
 
 
-def test_soak(tmp_path, reference_export_fp32):
+def test_soak(tmp_path, tiny_export_fp32):
     try:
         find_bundled_triton()
     except ServerError as exc:
         pytest.skip(f"no tritonserver binary: {exc}")
     seconds = float(os.environ.get("KVT_SOAK_SECONDS", "180"))
     clients = int(os.environ.get("KVT_SOAK_CLIENTS", "4"))
-    local = KandinskyVideoPipeline.from_onnx(reference_export_fp32, device="cpu")
+    local = KandinskyVideoPipeline.from_onnx(tiny_export_fp32, device="cpu")
     expected = {seed: local.generate(_request(seed), progress=False).frames for seed in SEEDS}
     del local
 
-    repo = build_repository(tmp_path / "repo", reference_export_fp32,
-                            options=configs.RepositoryOptions(configs.PYTHON_ORT))
+    repo = build_repository(tmp_path / "repo", tiny_export_fp32,
+                            options=configs.RepositoryOptions(triton_repo.PYTHON_ORT))
     latencies: list[float] = []
     errors: list[str] = []
     mismatches: list[int] = []

@@ -1,4 +1,4 @@
-"""TensorRT plans of the tiny reference export against ONNX Runtime (needs TensorRT and a CUDA GPU).
+"""TensorRT plans of the tiny export against ONNX Runtime (needs TensorRT and a CUDA GPU).
 
 Builds every stage of the fp16 export (strongly typed: FP16 U-Nets, FP32 T5 and MoVQs) for 64x64 and
 fps low + high (so the interpolation U-Net gets its two profiles), then, polygraphy-style, runs the
@@ -50,34 +50,34 @@ def _close(name: str, got: torch.Tensor, want: torch.Tensor, precision: str) -> 
 
 
 @pytest.fixture(scope="module")
-def engines(reference_export_fp16, tmp_path_factory):
+def engines(tiny_export_fp16, tmp_path_factory):
     from kvt.contract.profiles import Resolution
     from kvt.engines.builder import build_engines
 
     out = tmp_path_factory.mktemp("engines")
-    result = build_engines(reference_export_fp16, out, [Resolution(64, 64)], ["low", "high"], report=print)
+    result = build_engines(tiny_export_fp16, out, [Resolution(64, 64)], ["low", "high"], report=print)
     assert not any(s.reused for s in result.stages)
     return out
 
 
-def test_second_build_reuses_every_plan(reference_export_fp16, engines):
+def test_second_build_reuses_every_plan(tiny_export_fp16, engines):
     from kvt.contract.profiles import Resolution
     from kvt.engines.builder import build_engines
 
     messages: list[str] = []
-    again = build_engines(reference_export_fp16, engines, [Resolution(64, 64)], ["low", "high"],
+    again = build_engines(tiny_export_fp16, engines, [Resolution(64, 64)], ["low", "high"],
                           report=messages.append)
     assert all(s.reused for s in again.stages) and any("reusing" in m for m in messages)
 
 
-def test_every_stage_matches_onnxruntime(reference_export_fp16, engines):
+def test_every_stage_matches_onnxruntime(tiny_export_fp16, engines):
     from kvt.contract.plan import request_plan
     from kvt.formats.export_dir import ExportManifest
     from kvt.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
     from kvt.runtime.backends.tensorrt.backend import TensorRTBackend
 
-    manifest = ExportManifest.read(reference_export_fp16)
-    reference = OnnxRuntimeBackend(reference_export_fp16, device="cpu")
+    manifest = ExportManifest.read(tiny_export_fp16)
+    reference = OnnxRuntimeBackend(tiny_export_fp16, device="cpu")
     backend = TensorRTBackend(engines, device="cuda")
     checked = set()
     calls = request_plan(64, 64, "high", with_image=False) + request_plan(64, 64, "low", with_image=True)

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-import refdata
 from kvt.models.checkpoints import load_checkpoint_dir
 from kvt.models.text_encoder import TINY_TOKENIZER_DIR, PromptTokenizer, text_context_length, trim_context
+from support import refdata
 
 TEXT_FILE = "text/text_encoder.safetensors"
 TOKENIZER_FILE = "text/tokenizer_cases.json"

@@ -1,14 +1,13 @@
 """Triton serving against a real ``tritonserver`` (the one bundled in nvidia-pytriton) on loopback.
 
-One server per module serves the python-ort repository generated from the reference export (tiny
-preset, FP32). Its videos are compared with the in-process ONNX Runtime pipeline on the same export,
-request and seed; bad requests must get errors that name the value while the server keeps serving; the
+One server per module (``triton_server`` in conftest.py) serves the python-ort repository generated from
+the tiny export (FP32). Its videos are compared with the in-process ONNX Runtime pipeline on the same
+export, request and seed; bad requests must get errors that name the value while the server keeps serving; the
 production configs (tensorrt_plan, onnxruntime_onnx) are parsed with Triton's model-config protobuf.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import threading
 from pathlib import Path
@@ -23,13 +22,16 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("tritonclient.http")
 pytest.importorskip("tritonclient.grpc")
 
-from kvt.contract.request import GenerationRequest
-from kvt.formats.triton_repo import RepositoryError
-from kvt.runtime.pipeline import KandinskyVideoPipeline
-from kvt.serving.client import TritonRequestError, TritonVideoClient, total_steps
-from kvt.serving.generator import configs
-from kvt.serving.generator.repository import build_repository
-from kvt.serving.local_server import ServerError, TritonServer, find_bundled_triton
+from kvt.contract.plan import request_total_steps  # noqa: E402
+from kvt.contract.request import GenerationRequest  # noqa: E402
+from kvt.formats import triton_repo  # noqa: E402
+from kvt.formats.triton_repo import RepositoryError  # noqa: E402
+from kvt.runtime.pipeline import KandinskyVideoPipeline  # noqa: E402
+from kvt.serving.client import TritonRequestError, TritonVideoClient  # noqa: E402
+from kvt.serving.generator import configs  # noqa: E402
+from kvt.serving.generator.repository import build_repository  # noqa: E402
+from kvt.serving.local_server import TritonServer  # noqa: E402
+from support.fake_pb_utils import FakePbUtils  # noqa: E402
 
 STEPS = dict(key_frame_steps=3, base_frame_steps=3, interpolation_steps=2)
 
@@ -54,26 +56,15 @@ def assert_frames_match(served: np.ndarray, local: np.ndarray) -> None:
 # ------------------------------------------------------------------------------------ fixtures
 
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory, reference_export_fp32) -> Path:
+def triton_repository(tmp_path_factory, tiny_export_fp32) -> Path:
+    """The python-ort repository this module's server (``triton_server`` in conftest.py) serves."""
     out = tmp_path_factory.mktemp("triton") / "repo"
-    return build_repository(out, reference_export_fp32, options=configs.RepositoryOptions(configs.PYTHON_ORT))
+    return build_repository(out, tiny_export_fp32, options=configs.RepositoryOptions(triton_repo.PYTHON_ORT))
 
 
 @pytest.fixture(scope="module")
-def server(repository):
-    try:
-        find_bundled_triton()
-    except ServerError as exc:
-        pytest.skip(f"no tritonserver binary: {exc}")
-    triton = TritonServer(repository)
-    triton.start()
-    yield triton
-    triton.stop()
-
-
-@pytest.fixture(scope="module")
-def pipeline(reference_export_fp32) -> KandinskyVideoPipeline:
-    return KandinskyVideoPipeline.from_onnx(reference_export_fp32, device="cpu")
+def pipeline(tiny_export_fp32) -> KandinskyVideoPipeline:
+    return KandinskyVideoPipeline.from_onnx(tiny_export_fp32, device="cpu")
 
 
 def _client(server: TritonServer, protocol: str) -> TritonVideoClient:
@@ -82,9 +73,9 @@ def _client(server: TritonServer, protocol: str) -> TritonVideoClient:
 
 # ------------------------------------------------------------------------------------ serving
 
-def test_text_to_video_matches_in_process(server, pipeline):
+def test_text_to_video_matches_in_process(triton_server, pipeline):
     request = _request()
-    with _client(server, "http") as client:
+    with _client(triton_server, "http") as client:
         video = client.generate(request)
     local = pipeline.generate(request, progress=False)
     assert video.frames.shape == (12, 64, 64, 3)
@@ -93,38 +84,38 @@ def test_text_to_video_matches_in_process(server, pipeline):
     assert_frames_match(video.frames, local.frames)
 
 
-def test_image_to_video_matches_in_process(server, pipeline):
+def test_image_to_video_matches_in_process(triton_server, pipeline):
     request = _request("a boat on a lake", image=_image(), motion="high", guidance_weight_image=3.3,
                        guidance_weight_prompt=6.7, interpolation_guidance_scale=0.3, seed=21)
-    with _client(server, "grpc") as client:
+    with _client(triton_server, "grpc") as client:
         video = client.generate(request)
     assert_frames_match(video.frames, pipeline.generate(request, progress=False).frames)
 
 
-def test_streaming_reports_every_step(server, pipeline):
+def test_streaming_reports_every_step(triton_server, pipeline):
     request = _request("a city at night", fps="medium", seed=5)
     steps = []
-    with _client(server, "grpc") as client:
+    with _client(triton_server, "grpc") as client:
         video = client.generate(request, progress=steps.append)
-    assert len(steps) == total_steps(request) == 3 + 3 + 2
+    assert len(steps) == request_total_steps(request) == 3 + 3 + 2
     assert [s.stage for s in steps] == ["key_frame"] * 3 + ["base_frames"] * 3 + ["interpolation"] * 2
     assert [s.done for s in steps] == list(range(1, len(steps) + 1))
     assert video.frames.shape == (45, 64, 64, 3)
     assert_frames_match(video.frames, pipeline.generate(request, progress=False).frames)
-    with _client(server, "grpc") as client:  # a refused streamed request ends the stream with the error
+    with _client(triton_server, "grpc") as client:  # a refused streamed request ends the stream with the error
         with pytest.raises(TritonRequestError, match="fps='ultra' is not allowed"):
             client.generate(_request(fps="ultra"), progress=steps.append)
 
 
-def test_server_picks_and_returns_a_seed(server, pipeline):
+def test_server_picks_and_returns_a_seed(triton_server, pipeline):
     request = _request(seed=None)
-    with _client(server, "http") as client:
+    with _client(triton_server, "http") as client:
         video = client.generate(request)
     assert_frames_match(video.frames, pipeline.generate(request.with_seed(video.seed), progress=False).frames)
 
 
-def test_text_encoding_ensemble(server, pipeline):
-    with _client(server, "http") as client:
+def test_text_encoding_ensemble(triton_server, pipeline):
+    with _client(triton_server, "http") as client:
         encoded = client.encode_text("a red fox in the snow")
     local = pipeline.encode_prompt("a red fox in the snow")
     np.testing.assert_allclose(encoded["context"], local.context.numpy(), rtol=1e-5, atol=1e-6)
@@ -132,14 +123,14 @@ def test_text_encoding_ensemble(server, pipeline):
     assert float(encoded["context_len"].reshape(-1)[0]) == local.length
 
 
-def test_concurrent_clients_get_their_own_videos(server, pipeline):
+def test_concurrent_clients_get_their_own_videos(triton_server, pipeline):
     seeds = [101, 102, 103, 104, 105]
     results: dict[int, np.ndarray] = {}
     errors: list[BaseException] = []
 
     def work(index: int, seed: int) -> None:
         try:
-            with _client(server, "grpc" if index % 2 else "http") as client:
+            with _client(triton_server, "grpc" if index % 2 else "http") as client:
                 results[seed] = client.generate(_request(f"scene number {index}", seed=seed)).frames
         except BaseException as exc:  # reported below
             errors.append(exc)
@@ -174,35 +165,37 @@ def test_concurrent_clients_get_their_own_videos(server, pipeline):
     ({"SEED": np.array([3, 4], np.int64)}, ["SEED", "Expected [1], got [2]"]),
     ({"IMAGE": np.zeros((32, 32, 3), np.uint8)}, ["image=", "at least the output size 64x64"]),
 ])
-def test_bad_request_gets_a_clear_error_and_the_server_keeps_serving(server, arrays, expected):
+def test_bad_request_gets_a_clear_error_and_the_server_keeps_serving(triton_server, arrays, expected):
     from kvt.serving.protocol import request_to_arrays
 
     base = request_to_arrays(_request(seed=1, key_frame_steps=1, base_frame_steps=1))
     sent = {k: v for k, v in {**base, **arrays}.items() if v is not None}
-    with _client(server, "http") as client:
+    with _client(triton_server, "http") as client:
         with pytest.raises(TritonRequestError) as caught:
             client.infer_arrays(sent)
         for part in expected:
             assert part in str(caught.value), str(caught.value)
-        assert server.is_alive()
+        assert triton_server.is_alive()
         assert client.infer_arrays(base)["FRAMES"].shape == (12, 64, 64, 3)  # still serving
 
 
-def test_generate_via_triton_writes_the_video(server, tmp_path, capsys):
+def test_generate_via_triton_writes_the_video(triton_server, tmp_path):
     import imageio.v3 as iio
 
-    from kvt.cli.triton import generate_via_triton
+    from kvt.serving.client import generate_via_triton
 
-    out = generate_via_triton(server.grpc_url, "grpc", _request(seed=3), tmp_path / "fox.gif", progress=True)
+    messages: list[str] = []  # what `kvt generate --triton` prints to stderr
+    out = generate_via_triton(triton_server.grpc_url, "grpc", _request(seed=3), tmp_path / "fox.gif", progress=True,
+                              report=lambda message, end="\n": messages.append(message))
     assert out == tmp_path / "fox.gif" and iio.imread(out, index=None).shape[0] == 12
-    err = capsys.readouterr().err
+    err = "\n".join(messages)
     assert "base_frames step 3/3" in err and "seed 3" in err
     with pytest.raises(TritonRequestError, match="no ready Triton server"):
         generate_via_triton("127.0.0.1:9", "http", _request(), tmp_path / "x.gif", progress=False)
     assert not (tmp_path / "x.gif").exists()
 
 
-def test_kvt_generate_on_triton(server, pipeline, tmp_path, capsys):
+def test_kvt_generate_on_triton(triton_server, pipeline, tmp_path, capsys):
     """`kvt generate --triton` writes the same video as the in-process run; a bad value exits 2."""
     import imageio.v3 as iio
 
@@ -210,34 +203,34 @@ def test_kvt_generate_on_triton(server, pipeline, tmp_path, capsys):
 
     out = tmp_path / "served.mp4"
     steps = ["--key-frame-steps", "3", "--base-frame-steps", "3", "--interpolation-steps", "2"]
-    assert main(["generate", "a red fox in the snow", "--out", str(out), "--triton", server.grpc_url,
+    assert main(["generate", "a red fox in the snow", "--out", str(out), "--triton", triton_server.grpc_url,
                  "--protocol", "grpc", "--seed", "7", *steps]) == EXIT_OK
     assert "base_frames step 3/3" in capsys.readouterr().err
     assert iio.imread(out, index=None).shape[:3] == (12, 64, 64)
     bad = tmp_path / "bad.mp4"
-    assert main(["generate", "a cat", "--out", str(bad), "--triton", server.http_url, "--width", "512",
+    assert main(["generate", "a cat", "--out", str(bad), "--triton", triton_server.http_url, "--width", "512",
                  "--no-progress"]) == EXIT_INVALID
     assert "width=512 is not allowed" in capsys.readouterr().err
     assert not bad.exists()
 
 
-def test_triton_benchmark_against_the_real_server(server):
+def test_triton_benchmark_against_the_real_server(triton_server):
     """`kvt bench triton`'s sender and concurrency harness, on this module's server."""
     from kvt.benchmarks.triton_bench import bench_concurrency, tritonclient_sender
 
-    make_sender = tritonclient_sender(server.grpc_url, "grpc", prompt="a fox", seed=7, width=64, height=64,
+    make_sender = tritonclient_sender(triton_server.grpc_url, "grpc", prompt="a fox", seed=7, width=64, height=64,
                                       fps="low", key_frame_steps=2, base_frame_steps=2, interpolation_steps=1)
     results = bench_concurrency(make_sender, levels=(1, 2), requests_per_worker=1, warmup=0)
     assert [(r.concurrency, r.requests) for r in results] == [(1, 1), (2, 2)]
     assert all(r.latency.median > 0 and r.throughput_rps > 0 for r in results)
 
 
-def test_zz_shutdown_is_clean(server):
+def test_zz_shutdown_is_clean(triton_server):
     """Runs last in this module: the server stops on SIGTERM and leaves nothing in /dev/shm."""
-    assert server.is_alive()
-    code = server.stop()
-    assert code == 0, server.log_tail()
-    assert not server.is_alive() and server.shm_leftovers() == []
+    assert triton_server.is_alive()
+    code = triton_server.stop()
+    assert code == 0, triton_server.log_tail()
+    assert not triton_server.is_alive() and triton_server.shm_leftovers() == []
 
 
 # ------------------------------------------------------------------------------------ repositories
@@ -289,27 +282,27 @@ def model_config_name(value: int) -> str:
     return model_config_pb2.DataType.Name(value)
 
 
-def test_python_ort_configs_parse(repository, reference_export_fp32):
+def test_python_ort_configs_parse(triton_repository, tiny_export_fp32):
     from kvt.formats.export_dir import ExportManifest
 
-    table = ExportManifest.read(reference_export_fp32).stage_table()
-    _check_stage_configs(repository, table)
-    for name in (configs.TOKENIZER_MODEL, configs.TEXT_ENCODING_MODEL, configs.ORCHESTRATOR_MODEL,
-                 configs.STREAM_MODEL):
-        config = _parse(repository / name / "config.pbtxt")
+    table = ExportManifest.read(tiny_export_fp32).stage_table()
+    _check_stage_configs(triton_repository, table)
+    for name in (triton_repo.TOKENIZER_MODEL, triton_repo.TEXT_ENCODING_MODEL, triton_repo.ORCHESTRATOR_MODEL,
+                 triton_repo.STREAM_MODEL):
+        config = _parse(triton_repository / name / "config.pbtxt")
         assert config.name == name
-    assert _parse(repository / configs.STREAM_MODEL / "config.pbtxt").model_transaction_policy.decoupled
-    assert (repository / configs.ORCHESTRATOR_MODEL / "1" / "null_embeddings.safetensors").is_file()
-    assert (repository / configs.ORCHESTRATOR_MODEL / "1" / "tokenizer" / "spiece.model").is_file()
+    assert _parse(triton_repository / triton_repo.STREAM_MODEL / "config.pbtxt").model_transaction_policy.decoupled
+    assert (triton_repository / triton_repo.ORCHESTRATOR_MODEL / "1" / "null_embeddings.safetensors").is_file()
+    assert (triton_repository / triton_repo.ORCHESTRATOR_MODEL / "1" / "tokenizer" / "spiece.model").is_file()
 
 
-def test_onnxruntime_repository(tmp_path, reference_export_fp32):
+def test_onnxruntime_repository(tmp_path, tiny_export_fp32):
     from kvt.formats.export_dir import ExportManifest
 
-    table = ExportManifest.read(reference_export_fp32).stage_table()
-    options = configs.RepositoryOptions(configs.ONNXRUNTIME, placements={
+    table = ExportManifest.read(tiny_export_fp32).stage_table()
+    options = configs.RepositoryOptions(triton_repo.ONNXRUNTIME, placements={
         "unet_t2v_video": configs.Placement(2, (0, 1)), "video_movq_decoder": configs.Placement(1, (2,))})
-    repo = build_repository(tmp_path / "repo", reference_export_fp32, options=options)
+    repo = build_repository(tmp_path / "repo", tiny_export_fp32, options=options)
     _check_stage_configs(repo, table)
     video = _parse(repo / "unet_t2v_video" / "config.pbtxt")
     assert video.platform == "onnxruntime_onnx" and video.default_model_filename == "model.onnx"
@@ -320,7 +313,7 @@ def test_onnxruntime_repository(tmp_path, reference_export_fp32):
     assert warmup.batch_size == 36 and list(warmup.inputs["sample"].dims) == [9, 8, 8]
     assert not (repo / "unet_t2v_video" / "1" / "model.py").exists()
     assert (repo / "unet_t2v_video" / "1" / "model.onnx").is_file()
-    orchestrator = _parse(repo / configs.ORCHESTRATOR_MODEL / "config.pbtxt")
+    orchestrator = _parse(repo / triton_repo.ORCHESTRATOR_MODEL / "config.pbtxt")
     assert orchestrator.parameters["device"].string_value == "cuda"
 
 
@@ -343,12 +336,12 @@ def _fake_engines(directory: Path, export: Path, table, ccs: list[str], versions
     return directory
 
 
-def test_tensorrt_repository_places_plans_per_gpu_arch(tmp_path, reference_export_fp32):
+def test_tensorrt_repository_places_plans_per_gpu_arch(tmp_path, tiny_export_fp32):
     from kvt.formats.export_dir import ExportManifest
 
-    table = ExportManifest.read(reference_export_fp32).stage_table()
-    engines = _fake_engines(tmp_path / "engines", reference_export_fp32, table, ["8.9", "9.0"], ["10.3", "10.7"])
-    options = configs.RepositoryOptions(configs.TENSORRT)
+    table = ExportManifest.read(tiny_export_fp32).stage_table()
+    engines = _fake_engines(tmp_path / "engines", tiny_export_fp32, table, ["8.9", "9.0"], ["10.3", "10.7"])
+    options = configs.RepositoryOptions(triton_repo.TENSORRT)
     with pytest.raises(RepositoryError, match="--tensorrt-version"):
         build_repository(tmp_path / "repo", engines_dir=engines, options=options)
     assert not (tmp_path / "repo").exists() and not list(tmp_path.glob(".repo*"))
@@ -364,7 +357,7 @@ def test_tensorrt_repository_places_plans_per_gpu_arch(tmp_path, reference_expor
     # Plans built for one request's batch (`kvt build --batch-range requests`) cap Triton's batching.
     one_request = {"unet_t2v_video": ((("N", 36, 36, 36), ("h", 8, 8, 8), ("w", 8, 8, 8)),),
                    "text_encoder": ((("B", 1, 1, 1),),)}
-    single = _fake_engines(tmp_path / "single", reference_export_fp32, table, ["9.0"], ["10.7"], one_request)
+    single = _fake_engines(tmp_path / "single", tiny_export_fp32, table, ["9.0"], ["10.7"], one_request)
     repo = build_repository(tmp_path / "repo1", engines_dir=single, options=options)
     # A plan whose batch range starts above 1 (the video U-Net: 36 rows) keeps its batch in dims.
     _check_stage_configs(repo, table, {"unet_t2v_video": 0, "text_encoder": 1})
@@ -374,22 +367,18 @@ def test_tensorrt_repository_places_plans_per_gpu_arch(tmp_path, reference_expor
         build_repository(tmp_path / "repo1", engines_dir=single, options=options)
 
 
-def test_triton_repo_cli(tmp_path, reference_export_fp32, capsys):
-    from kvt.cli.triton import EXIT_INVALID, EXIT_OK, add_triton_repo_parser
-
-    parser = argparse.ArgumentParser(prog="kvt")
-    add_triton_repo_parser(parser.add_subparsers(dest="command", required=True))
+def test_triton_repo_cli(tmp_path, tiny_export_fp32, capsys):
+    from kvt.cli.main import EXIT_INVALID, EXIT_OK, main
 
     def run(*argv: str) -> int:
-        args = parser.parse_args(["triton-repo", *argv])
-        return args.func(args)
+        return main(["triton-repo", *argv])
 
     out = tmp_path / "repo"
-    assert run("--out", str(out), "--backend", "python-ort", "--onnx", str(reference_export_fp32)) == EXIT_OK
-    assert (out / configs.ORCHESTRATOR_MODEL / "config.pbtxt").is_file()
-    assert run("--out", str(out), "--backend", "python-ort", "--onnx", str(reference_export_fp32)) == EXIT_INVALID
+    assert run("--out", str(out), "--backend", "python-ort", "--onnx", str(tiny_export_fp32)) == EXIT_OK
+    assert (out / triton_repo.ORCHESTRATOR_MODEL / "config.pbtxt").is_file()
+    assert run("--out", str(out), "--backend", "python-ort", "--onnx", str(tiny_export_fp32)) == EXIT_INVALID
     assert "already exists" in capsys.readouterr().err
-    assert run("--out", str(tmp_path / "r2"), "--backend", "onnxruntime", "--onnx", str(reference_export_fp32),
+    assert run("--out", str(tmp_path / "r2"), "--backend", "onnxruntime", "--onnx", str(tiny_export_fp32),
                "--instances", "unet=2") == EXIT_INVALID
     assert "unknown model 'unet'" in capsys.readouterr().err
     assert run("--out", str(tmp_path / "r3"), "--backend", "tensorrt") == EXIT_INVALID
@@ -397,30 +386,7 @@ def test_triton_repo_cli(tmp_path, reference_export_fp32, capsys):
     assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()
 
 
-class _FakeUtils:
-    """The parts of triton_python_backend_utils the python-ort stage model uses (no server)."""
-
-    class Tensor:
-        def __init__(self, name, array):
-            self.name, self._array = name, np.asarray(array)
-
-        def as_numpy(self):
-            return self._array
-
-    class TritonError(Exception):
-        pass
-
-    class InferenceResponse:
-        def __init__(self, output_tensors=(), error=None):
-            self.outputs = {t.name: t.as_numpy() for t in output_tensors}
-            self.error = error
-
-    @staticmethod
-    def get_input_tensor_by_name(request, name):
-        return request.get(name)
-
-
-def test_python_ort_stage_model_merges_batched_requests(repository, pipeline, monkeypatch):
+def test_python_ort_stage_model_merges_batched_requests(triton_repository, pipeline, monkeypatch):
     """Requests the dynamic batcher delivers together run as one session call and are split again;
     each gets what the in-process backend computes for it alone."""
     import sys
@@ -430,33 +396,32 @@ def test_python_ort_stage_model_merges_batched_requests(repository, pipeline, mo
 
     from kvt.serving.server_models import stage as stage_model
 
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _FakeUtils)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", FakePbUtils)
     spec = pipeline.table["unet_t2v_image"]
-    config = json_format.MessageToDict(_parse(repository / spec.name / "config.pbtxt"),
+    config = json_format.MessageToDict(_parse(triton_repository / spec.name / "config.pbtxt"),
                                        preserving_proto_field_name=True)
     model = stage_model.TritonPythonModel()
-    model.initialize({"model_config": json.dumps(config), "model_repository": str(repository / spec.name),
+    model.initialize({"model_config": json.dumps(config), "model_repository": str(triton_repository / spec.name),
                       "model_version": "1"})
-    unsqueezed = configs.unsqueezed_inputs(spec)
+    unsqueezed = triton_repo.unsqueezed_inputs(spec)
     calls = [spec.sample_inputs({"N": 2, "h": 16, "w": 16}, seed=seed) for seed in (1, 2, 3)]
-    wire = [{name: _FakeUtils.Tensor(name, (t[:, None] if name in unsqueezed else t).numpy())
+    wire = [{name: FakePbUtils.Tensor(name, (t[:, None] if name in unsqueezed else t).numpy())
              for name, t in inputs.items()} for inputs in calls]
     responses = model.execute(wire)
     assert len(responses) == 3 and all(r.error is None for r in responses)
     for inputs, response in zip(calls, responses):
         local = pipeline.backend.run(spec.name, inputs)["eps"]
         torch.testing.assert_close(torch.from_numpy(response.outputs["eps"]), local, rtol=1e-4, atol=1e-5)
-    bad = dict(wire[0], sample=_FakeUtils.Tensor("sample", np.zeros((2, 3, 16, 16), np.float32)))
+    bad = dict(wire[0], sample=FakePbUtils.Tensor("sample", np.zeros((2, 3, 16, 16), np.float32)))
     responses = model.execute([bad, wire[1]])  # one bad request does not fail its neighbour
     assert responses[0].error is not None and responses[1].error is None
 
 
-
-def test_truncated_repository_file_is_named(tmp_path, reference_export_fp32):
+def test_truncated_repository_file_is_named(tmp_path, tiny_export_fp32):
     from kvt.formats.triton_repo import verify_repository
 
-    repo = build_repository(tmp_path / "repo", reference_export_fp32,
-                            options=configs.RepositoryOptions(configs.PYTHON_ORT))
+    repo = build_repository(tmp_path / "repo", tiny_export_fp32,
+                            options=configs.RepositoryOptions(triton_repo.PYTHON_ORT))
     record = verify_repository(repo, check_hashes=True)
     assert "unet_t2v_video/1/model.onnx" in record["files"]
     config = repo / "unet_t2v_video" / "config.pbtxt"

@@ -25,14 +25,14 @@ pytestmark = pytest.mark.triton
 pytest.importorskip("onnxruntime")
 pytest.importorskip("tritonclient.grpc")
 
-from kvt.contract.files import file_records
-from kvt.contract.request import GenerationRequest
-from kvt.formats.triton_repo import REPOSITORY_FILE
-from kvt.runtime.pipeline import KandinskyVideoPipeline
-from kvt.serving.client import TritonRequestError, TritonVideoClient
-from kvt.serving.generator import configs
-from kvt.serving.generator.repository import build_repository
-from kvt.serving.local_server import ServerError, TritonServer, find_bundled_triton
+from kvt.contract.files import file_records  # noqa: E402
+from kvt.contract.request import GenerationRequest  # noqa: E402
+from kvt.formats import triton_repo  # noqa: E402
+from kvt.formats.triton_repo import REPOSITORY_FILE  # noqa: E402
+from kvt.runtime.pipeline import KandinskyVideoPipeline  # noqa: E402
+from kvt.serving.client import TritonRequestError, TritonVideoClient  # noqa: E402
+from kvt.serving.generator import configs  # noqa: E402
+from kvt.serving.generator.repository import build_repository  # noqa: E402
 
 FAULTY = "unet_t2v_video"
 REQUEST_TIMEOUT_S = 4.0
@@ -46,10 +46,12 @@ def _request(seed: int = 5, **kwargs) -> GenerationRequest:
 
 
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory, reference_export_fp32) -> Path:
+def triton_repository(tmp_path_factory, tiny_export_fp32) -> Path:
+    """The python-ort repository this module's server (``triton_server`` in conftest.py) serves, with
+    the fault-injecting stage model in place of FAULTY's."""
     out = tmp_path_factory.mktemp("reliability") / "repo"
-    options = configs.RepositoryOptions(configs.PYTHON_ORT, request_timeout_s=REQUEST_TIMEOUT_S)
-    repo = build_repository(out, reference_export_fp32, options=options)
+    options = configs.RepositoryOptions(triton_repo.PYTHON_ORT, request_timeout_s=REQUEST_TIMEOUT_S)
+    repo = build_repository(out, tiny_export_fp32, options=options)
     folder = repo / FAULTY / "1"
     (folder / "model.py").rename(folder / "real_model.py")
     shutil.copyfile(Path(__file__).parent / "assets" / "fault_stage_model.py", folder / "model.py")
@@ -63,22 +65,14 @@ def repository(tmp_path_factory, reference_export_fp32) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(repository):
-    try:
-        find_bundled_triton()
-    except ServerError as exc:
-        pytest.skip(f"no tritonserver binary: {exc}")
-    triton = TritonServer(repository, extra_args=("--model-control-mode=explicit", "--load-model=*"))
-    triton.start()
-    yield triton
-    code = triton.stop()
-    assert code == 0, f"server exit code {code}"
-    assert not triton.shm_leftovers()
+def triton_server_args() -> tuple[str, ...]:
+    """Explicit model control, so that a test can unload a stage."""
+    return ("--model-control-mode=explicit", "--load-model=*")
 
 
 @pytest.fixture(scope="module")
-def local(reference_export_fp32):
-    pipeline = KandinskyVideoPipeline.from_onnx(reference_export_fp32, device="cpu")
+def local(tiny_export_fp32):
+    pipeline = KandinskyVideoPipeline.from_onnx(tiny_export_fp32, device="cpu")
     cache: dict[int, np.ndarray] = {}
 
     def frames(seed: int) -> np.ndarray:
@@ -106,39 +100,39 @@ def _assert_serves(server, local, seed: int) -> None:
     assert np.array_equal(video.frames, local(seed))
 
 
-def test_stage_that_raises_fails_only_its_request(server, repository, local):
-    _fault(repository, "raise")
+def test_stage_that_raises_fails_only_its_request(triton_server, triton_repository, local):
+    _fault(triton_repository, "raise")
     try:
-        with _client(server) as client, pytest.raises(TritonRequestError) as err:
+        with _client(triton_server) as client, pytest.raises(TritonRequestError) as err:
             client.generate(_request(11))
     finally:
-        _fault(repository, "")
+        _fault(triton_repository, "")
     message = str(err.value)
     assert f"stage {FAULTY}" in message and "injected fault" in message, message
-    _assert_serves(server, local, 11)
+    _assert_serves(triton_server, local, 11)
 
 
-def test_stage_that_hangs_hits_the_request_time_limit(server, repository, local):
-    _fault(repository, f"sleep:{REQUEST_TIMEOUT_S + 1.5}")
+def test_stage_that_hangs_hits_the_request_time_limit(triton_server, triton_repository, local):
+    _fault(triton_repository, f"sleep:{REQUEST_TIMEOUT_S + 1.5}")
     start = time.monotonic()
     try:
-        with _client(server) as client, pytest.raises(TritonRequestError) as err:
+        with _client(triton_server) as client, pytest.raises(TritonRequestError) as err:
             client.generate(_request(12))
     finally:
-        _fault(repository, "")
+        _fault(triton_repository, "")
     elapsed = time.monotonic() - start
     message = str(err.value)
     assert f"time limit of {REQUEST_TIMEOUT_S:g} s" in message and f"stage {FAULTY}" in message, message
     assert elapsed < REQUEST_TIMEOUT_S + 30
-    _assert_serves(server, local, 12)
+    _assert_serves(triton_server, local, 12)
 
 
-def test_stage_unloaded_mid_request(server, repository, local):
-    _fault(repository, "sleep:0.3")  # slow steps, so the unload lands mid-request
+def test_stage_unloaded_mid_request(triton_server, triton_repository, local):
+    _fault(triton_repository, "sleep:0.3")  # slow steps, so the unload lands mid-request
     errors: list[str] = []
 
     def run() -> None:
-        with _client(server) as client:
+        with _client(triton_server) as client:
             try:
                 client.generate(_request(13, base_frame_steps=40))
             except TritonRequestError as exc:
@@ -147,23 +141,23 @@ def test_stage_unloaded_mid_request(server, repository, local):
     worker = threading.Thread(target=run)
     worker.start()
     time.sleep(2.5)
-    with _client(server) as admin:
+    with _client(triton_server) as admin:
         admin._client.unload_model(FAULTY)
         worker.join(120)
-        _fault(repository, "")
+        _fault(triton_repository, "")
         admin._client.load_model(FAULTY)
         assert admin._client.is_model_ready(FAULTY)
     assert not worker.is_alive()
     assert errors and FAULTY in errors[0], errors
-    _assert_serves(server, local, 13)
+    _assert_serves(triton_server, local, 13)
 
 
-def test_cancelled_stream_stops_within_a_step(server, repository, local):
+def test_cancelled_stream_stops_within_a_step(triton_server, triton_repository, local):
     import tritonclient.grpc as grpcclient
 
     from kvt.serving.protocol import request_to_arrays
 
-    _fault(repository, "sleep:0.2")
+    _fault(triton_repository, "sleep:0.2")
     seen: list[int] = []
     got_two = threading.Event()
 
@@ -174,7 +168,7 @@ def test_cancelled_stream_stops_within_a_step(server, repository, local):
                 if len(seen) >= 2:
                     got_two.set()
 
-    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
     try:
         arrays = request_to_arrays(_request(14, base_frame_steps=200))
         inputs = []
@@ -184,24 +178,24 @@ def test_cancelled_stream_stops_within_a_step(server, repository, local):
             item.set_data_from_numpy(array)
             inputs.append(item)
         client.start_stream(callback=on_reply)
-        client.async_stream_infer(configs.STREAM_MODEL, inputs)
+        client.async_stream_infer(triton_repo.STREAM_MODEL, inputs)
         assert got_two.wait(60), "no progress streamed"
         cancelled_after = seen[-1]
         client.stop_stream(cancel_requests=True)
     finally:
         client.close()
-        _fault(repository, "")
+        _fault(triton_repository, "")
     deadline = time.monotonic() + 30
     pattern = re.compile(r"request cancelled by the client at base_frames step (\d+)")
-    while time.monotonic() < deadline and not pattern.search(server.log_tail(20000)):
+    while time.monotonic() < deadline and not pattern.search(triton_server.log_tail(20000)):
         time.sleep(0.2)
-    found = pattern.findall(server.log_tail(20000))
+    found = pattern.findall(triton_server.log_tail(20000))
     assert found, "the orchestrator did not report the cancellation"
     stopped_at = int(found[-1])
     # The check runs at every step boundary: the server stops within a step or two of the cancel
     # (one step may already be in flight), far from the 200 asked for.
     assert stopped_at - cancelled_after <= 3, (cancelled_after, stopped_at)
-    _assert_serves(server, local, 14)
+    _assert_serves(triton_server, local, 14)
 
 
 def _wire(array: np.ndarray) -> str:
@@ -236,7 +230,7 @@ _arrays = st.one_of(
           phases=[Phase.explicit, Phase.generate],
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(base_seed=st.integers(0, 3), edits=st.lists(st.tuples(_names, _arrays), max_size=3))
-def test_hostile_requests_through_the_orchestrator(server, base_seed, edits):
+def test_hostile_requests_through_the_orchestrator(triton_server, base_seed, edits):
     """A valid request with up to three inputs replaced by random or adversarial arrays."""
     from kvt.serving.protocol import request_to_arrays
 
@@ -244,23 +238,23 @@ def test_hostile_requests_through_the_orchestrator(server, base_seed, edits):
     arrays = request_to_arrays(_request(base_seed))
     for name, array in edits:
         arrays[name] = array
-    with _client(server, "grpc" if FUZZ["tried"] % 2 else "http") as client:
+    with _client(triton_server, "grpc" if FUZZ["tried"] % 2 else "http") as client:
         try:
             out = client.infer_arrays(arrays)
         except TritonRequestError as exc:
             FUZZ["rejected"] += 1
             assert str(exc), "an error carries a message"
-            assert server.is_alive()
+            assert triton_server.is_alive()
             return
     FUZZ["served"] += 1
     frames = out["FRAMES"]
     assert frames.dtype == np.uint8 and frames.ndim == 4 and frames.shape[-1] == 3
-    assert server.is_alive()
+    assert triton_server.is_alive()
 
 
-def test_server_survived_the_fuzz(server, local, capsys):
+def test_server_survived_the_fuzz(triton_server, local, capsys):
     with capsys.disabled():
         print(f"\nhostile-request fuzz (Triton orchestrator): {FUZZ['tried']} cases, {FUZZ['served']} served, "
               f"{FUZZ['rejected']} rejected")
     assert FUZZ["tried"] >= 60 and FUZZ["rejected"] > 0
-    _assert_serves(server, local, 1)
+    _assert_serves(triton_server, local, 1)

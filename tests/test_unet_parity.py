@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch import Tensor
 
-import refdata
 from kvt.models import TINY
 from kvt.models.unet_interpolation import UNetInterpolation
 from kvt.models.unet_t2v import UNetT2V
+from support import refdata
 
 T2V_PRODUCER = "kandinsky_video.model.unet.UNet.forward"
 INTERPOLATION_PRODUCER = "unet_interpolation.UNet.forward"

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-import refdata
 from kvt.models import FULL, TINY
 from kvt.models.unet_interpolation import UNetInterpolation
 from kvt.models.unet_t2v import UNetT2V
+from support import refdata
 
 # Keys that only the add_new_temporal_params=True variant of the interpolation U-Net has.
 NEW_TEMPORAL_KEY = re.compile(

@@ -8,7 +8,6 @@ import shutil
 import pytest
 import torch
 
-import refdata
 from kvt.cli.main import main
 from kvt.models.checkpoint_write import write_checkpoint_dir
 from kvt.models.checkpoints import load_checkpoint_dir
@@ -16,6 +15,7 @@ from kvt.models.convert import convert_checkpoint_dir
 from kvt.models.presets import TEXT_ENCODER_FOLDER, TINY
 from kvt.models.random_weights import random_models
 from kvt.models.weight_files import WEIGHTS_MANIFEST, CheckpointError, flatten, unflatten, verify_weights_manifest
+from support import refdata
 
 
 def _state(models) -> dict[str, torch.Tensor]:
@@ -35,31 +35,52 @@ def _assert_same_models(a, b) -> None:
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    ref = refdata.require_reference()
-    out = tmp_path_factory.mktemp("conv") / "safetensors"
-    convert_checkpoint_dir(ref / "checkpoints", out)
+def official(tmp_path_factory, tiny_checkpoint_dir):
+    """A checkpoint directory as the official release ships it: the tiny checkpoints without the
+    kvt-weights.json that kvt's writer adds."""
+    out = tmp_path_factory.mktemp("official") / "checkpoints"
+    shutil.copytree(tiny_checkpoint_dir, out)
+    (out / WEIGHTS_MANIFEST).unlink()
     return out
 
 
-def test_conversion_keeps_every_tensor_and_writes_no_pickle(converted):
-    ref = refdata.require_reference()
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, official):
+    out = tmp_path_factory.mktemp("conv") / "safetensors"
+    convert_checkpoint_dir(official, out)
+    return out
+
+
+def test_conversion_keeps_every_tensor_and_writes_no_pickle(official, converted):
     assert not list(converted.rglob("*.pt")) and not list(converted.rglob("*.bin"))
     assert sorted(p.name for p in converted.glob("*.safetensors")) == [
         "interpolation.safetensors", "movq.safetensors", "t2v.safetensors", "t5_projections.safetensors",
         "video_movq.safetensors"]
-    _assert_same_models(load_checkpoint_dir(ref / "checkpoints"), load_checkpoint_dir(converted))
+    _assert_same_models(load_checkpoint_dir(official), load_checkpoint_dir(converted))
 
 
-def test_safetensors_keep_the_official_key_names(converted):
+def test_reference_checkpoints_convert_losslessly(tmp_path):
+    """The reference folder's checkpoints (pickled by the official code, no kvt-weights.json) convert
+    with every tensor and every official key name kept."""
     from safetensors import safe_open
 
-    ref = refdata.require_reference()
-    official = torch.load(ref / "checkpoints" / "t2v.pt", weights_only=True)
+    ref = refdata.require_reference() / "checkpoints"
+    out = convert_checkpoint_dir(ref, tmp_path / "safetensors")
+    assert not list(out.rglob("*.pt")) and not list(out.rglob("*.bin"))
+    _assert_same_models(load_checkpoint_dir(ref), load_checkpoint_dir(out))
+    official = torch.load(ref / "t2v.pt", weights_only=True)
+    with safe_open(str(out / "t2v.safetensors"), framework="pt") as handle:
+        assert set(handle.keys()) == set(official["unet"]) | {"null_embedding"}
+
+
+def test_safetensors_keep_the_official_key_names(official, converted):
+    from safetensors import safe_open
+
+    t2v = torch.load(official / "t2v.pt", weights_only=True)
     with safe_open(str(converted / "t2v.safetensors"), framework="pt") as handle:
         keys = set(handle.keys())
-    assert keys == set(official["unet"]) | {"null_embedding"}
-    heads = torch.load(ref / "checkpoints" / "t5_projections.pt", weights_only=True)
+    assert keys == set(t2v["unet"]) | {"null_embedding"}
+    heads = torch.load(official / "t5_projections.pt", weights_only=True)
     with safe_open(str(converted / "t5_projections.safetensors"), framework="pt") as handle:
         assert set(handle.keys()) == {f"{h}.{k}" for h, sd in heads.items() for k in sd}
 
@@ -74,13 +95,12 @@ def test_flatten_round_trip():
         unflatten({"other.x": torch.ones(1)}, "heads", ("h1",))
 
 
-def test_pickled_t5_shards_become_safetensors(tmp_path):
+def test_pickled_t5_shards_become_safetensors(tmp_path, official):
     from safetensors.torch import load_file
 
-    ref = refdata.require_reference()
     src = tmp_path / "src"
-    shutil.copytree(ref / "checkpoints", src)
-    t5 = src / "t5_encoder"
+    shutil.copytree(official, src)
+    t5 = src / TEXT_ENCODER_FOLDER
     torch.save(load_file(str(t5 / "model.safetensors")), t5 / "pytorch_model.bin")
     (t5 / "model.safetensors").unlink()
     out = convert_checkpoint_dir(src, tmp_path / "out")
@@ -131,12 +151,11 @@ def test_malformed_manifest_is_reported(tmp_path, converted):
         load_checkpoint_dir(out)
 
 
-def test_cli_convert_weights(tmp_path, capsys):
-    ref = refdata.require_reference()
+def test_cli_convert_weights(tmp_path, capsys, official):
     out = tmp_path / "cli"
-    assert main(["convert-weights", str(ref / "checkpoints"), "--out", str(out)]) == 0
+    assert main(["convert-weights", str(official), "--out", str(out)]) == 0
     assert (out / "t2v.safetensors").is_file()
-    assert main(["convert-weights", str(ref / "checkpoints"), "--out", str(out)]) == 2
+    assert main(["convert-weights", str(official), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert main(["convert-weights", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()

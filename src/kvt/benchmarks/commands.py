@@ -18,6 +18,7 @@ from kvt.contract.errors import UserError
 from kvt.contract.plan import request_plan
 from kvt.runtime.fast_path import FastPathOptions
 from kvt.runtime.loading import PipelineSource
+from kvt.runtime.pipeline import VideoOutput
 
 EXIT_OK = 0
 
@@ -95,17 +96,24 @@ def _plan_flops(cache: FlopCache, table, width: int, height: int, fps: str, step
     for call in request_plan(width, height, fps, False, *steps):
         spec = table[call.stage]
         count = cache(call.stage, spec.sample_inputs(call.dims), spec.input_names)
-        if count is None or totals.get(call.stage, 0) is None:
+        so_far = totals.get(call.stage, 0)
+        if count is None or so_far is None:
             totals[call.stage] = None
         else:
-            totals[call.stage] = totals.get(call.stage, 0) + count * call.calls
+            totals[call.stage] = so_far + count * call.calls
     return totals
+
+
+def _video(result: E2EResult) -> VideoOutput:
+    """The video of a :func:`run_e2e` result (which always keeps it)."""
+    assert result.output is not None
+    return result.output
 
 
 def _e2e_table(result: E2EResult, flops: dict[str, int | None], peak) -> str:
     rows = []
     for stage, entry in result.stages.items():
-        total = flops.get(stage)
+        total: float | None = flops.get(stage)
         if stage == "text_encoder" and total is not None:
             total *= entry["calls"]
         tflops, mfu = achieved(total, entry["seconds"], peak) if total else (None, None)
@@ -145,7 +153,7 @@ def e2e_command(source: PipelineSource, pipelines: list[str], options: FastPathO
                 report.markdown_table(
                     ["pipeline", "fps", "frames", "wall s", "runtime overhead", "loop overhead", "T5 runs",
                      "peak RSS GiB", "CUDA max alloc GiB"],
-                    [[r.pipeline, r.fps, r.output.num_frames, f"{r.wall_s:.3f}", f"{100 * r.overhead_fraction:.2f}%",
+                    [[r.pipeline, r.fps, _video(r).num_frames, f"{r.wall_s:.3f}", f"{100 * r.overhead_fraction:.2f}%",
                       f"{100 * r.loop_overhead_fraction:.2f}%", r.prompt_encodings,
                       f"{r.memory['rss_peak_bytes'] / 2**30:.2f}",
                       "-" if r.memory["cuda_max_allocated_bytes"] is None
@@ -155,7 +163,7 @@ def e2e_command(source: PipelineSource, pipelines: list[str], options: FastPathO
         rows = []
         for fps in fps_modes:
             base, fast = results[("baseline", fps)], results[("fast", fps)]
-            errors = compare_outputs(fast.output, base.output)
+            errors = compare_outputs(_video(fast), _video(base))
             comparisons[fps] = errors
             rows.append([fps, f"{base.wall_s:.3f}", f"{fast.wall_s:.3f}", _speedup(base.wall_s, fast.wall_s),
                          f"{errors['latent_max_abs']:.2e}", f"{errors['latent_rel_l2']:.2e}",
@@ -166,7 +174,7 @@ def e2e_command(source: PipelineSource, pipelines: list[str], options: FastPathO
                                             "latent rel L2", "latent cosine", "frames max abs (uint8)",
                                             "frames mean abs", "PSNR dB"], rows)]
     for (pipe_name, fps), result in results.items():
-        sections += [f"### {pipe_name}, fps {fps} ({result.output.num_frames} frames)",
+        sections += [f"### {pipe_name}, fps {fps} ({_video(result).num_frames} frames)",
                      _e2e_table(result, flop_totals.get(fps, {}), peak)]
     markdown = "\n\n".join(sections)
     stage_names = sorted({s for r in results.values() for s in r.stages})

@@ -12,27 +12,29 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from kvt.benchmarks.memory import PeakMemory
 from kvt.benchmarks.timing import synchronize
+from kvt.contract.plan import all_loop_phases
 from kvt.contract.request import GenerationRequest
-from kvt.runtime.backends.base import StageBackend
+from kvt.runtime.backends.base import DelegatingBackend, StageBackend
 from kvt.runtime.pipeline import KandinskyVideoPipeline, VideoOutput
 
-LOOP_PHASES = ("key_frame", "base_frames", "interpolation_skip3", "interpolation_skip1")
+LOOP_PHASES = all_loop_phases()
 
 
-class TimedBackend(StageBackend):
+class TimedBackend(DelegatingBackend):
     """Forwards every call to ``inner`` and records (stage, seconds) per call."""
 
     def __init__(self, inner: StageBackend) -> None:
-        super().__init__(inner.table, inner.device, validate=False)
-        self.inner = inner
+        super().__init__(inner)
         self.name = f"timed({inner.name})"
-        self._pending: list[tuple[str, object, object]] = []
+        # (stage, start, end): CUDA events on a GPU, perf_counter() seconds on the CPU
+        self._pending: list[tuple[str, Any, Any]] = []
 
     def _run(self, stage: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The inner backend's whole ``run`` (its validation included), timed."""
@@ -43,13 +45,10 @@ class TimedBackend(StageBackend):
             end.record()
             self._pending.append((stage, start, end))
             return out
-        start = time.perf_counter()
+        began = time.perf_counter()
         out = self.inner.run(stage, inputs)
-        self._pending.append((stage, start, time.perf_counter()))
+        self._pending.append((stage, began, time.perf_counter()))
         return out
-
-    def loop_scope(self, stage: str):
-        return self.inner.loop_scope(stage)  # keep the inner backend's loop optimisations
 
     def reset(self) -> None:
         self._pending = []
@@ -61,8 +60,6 @@ class TimedBackend(StageBackend):
             return [(s, a.elapsed_time(b) / 1e3) for s, a, b in self._pending]
         return [(s, b - a) for s, a, b in self._pending]
 
-    def close(self) -> None:
-        self.inner.close()
 
 
 @dataclass(frozen=True)
@@ -150,11 +147,14 @@ def run_e2e(pipeline: KandinskyVideoPipeline, name: str, settings: RequestSettin
         entry = stages.setdefault(stage, {"calls": 0, "seconds": 0.0})
         entry["calls"] += 1
         entry["seconds"] += seconds
-    encodings = (pipeline.prompt_encodings - encodings_before if encodings_before is not None
+    # the official-style pipeline counts its encodings (read above: the attribute exists when not None)
+    encodings = (getattr(pipeline, "prompt_encodings", 0) - encodings_before if encodings_before is not None
                  else stages.get("text_encoder", {}).get("calls", 0))
+    memory = peak.result
+    assert memory is not None  # set when the with block above exits
     return E2EResult(pipeline=name, backend=timed.inner.name, fps=fps, wall_s=wall, stages=stages,
                      phases={k: v for k, v in output.timings.items() if k != "total"},
-                     memory=peak.result.to_dict(), prompt_encodings=int(encodings), output=output)
+                     memory=memory.to_dict(), prompt_encodings=int(encodings), output=output)
 
 
 def compare_outputs(candidate: VideoOutput, reference: VideoOutput) -> dict[str, float]:

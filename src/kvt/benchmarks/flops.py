@@ -1,7 +1,7 @@
 """FLOPs of stage calls (torch's flop counter at the benchmarked shapes) and device peak throughput.
 
 FLOPs count one fused multiply-add as 2 (torch.utils.flop_counter's convention, matching the tables in
-spec deployment.md); element-wise work (norms, activations, softmax) is not counted. Counting on the meta
+docs/spec/deployment.md); element-wise work (norms, activations, softmax) is not counted. Counting on the meta
 device needs no memory and no time for the arithmetic, so the full preset can be counted on any machine.
 MFU = achieved FLOP/s / the device's dense FP16 tensor-core peak; a CPU has no such entry (MFU n/a).
 """
@@ -101,7 +101,7 @@ def meta_stage_modules(preset_name: str) -> tuple[dict[str, nn.Module], StageTab
     return modules, stage_table_for(preset.config)
 
 
-def achieved(flops: int, seconds: float, peak: DevicePeak) -> tuple[float, float | None]:
+def achieved(flops: float, seconds: float, peak: DevicePeak) -> tuple[float, float | None]:
     """(TFLOP/s, MFU or None) of ``flops`` done in ``seconds``."""
     tflops = flops / seconds / 1e12 if seconds > 0 else float("nan")
     mfu = tflops / peak.dense_fp16_tflops if peak.dense_fp16_tflops else None

@@ -10,6 +10,7 @@ import argparse
 import json
 import statistics
 import time
+from typing import Any
 
 import torch
 
@@ -24,7 +25,7 @@ def compare(preset: str = "small", runs: int = 2, fps: str = "low", seed: int = 
     """Wall time per request of both variants (medians), per-loop timings and bit-exactness."""
     models = random_models(get_preset(preset), seed=0)
     pipes = {hoist: build_fast_pipeline(models, FastPathOptions(hoist_text=hoist)) for hoist in (False, True)}
-    request = dict(fps=fps, seed=seed, progress=False, key_frame_steps=50, base_frame_steps=50,
+    request: dict[str, Any] = dict(fps=fps, seed=seed, progress=False, key_frame_steps=50, base_frame_steps=50,
                    interpolation_steps=10)
     for pipe in pipes.values():  # warm-up
         pipe(PROMPT, fps=fps, seed=seed, progress=False, key_frame_steps=2, base_frame_steps=2)
@@ -36,7 +37,7 @@ def compare(preset: str = "small", runs: int = 2, fps: str = "low", seed: int = 
             outputs[hoist] = pipe(PROMPT, **request)
             times[hoist].append(time.perf_counter() - start)
     plain, hoisted = outputs[False], outputs[True]
-    result = {
+    result: dict[str, Any] = {
         "preset": preset, "fps": fps, "torch_threads": torch.get_num_threads(),
         "no_hoist_s": times[False], "hoist_s": times[True],
         "median_no_hoist_s": statistics.median(times[False]), "median_hoist_s": statistics.median(times[True]),

@@ -11,37 +11,33 @@ import os
 import platform
 import shlex
 import sys
-import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from kvt.contract.files import atomic_path, write_text_atomic
 from kvt.contract.files import write_json_atomic as _write_json_atomic
 
-
-def _temporary_beside(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+__all__ = ["write_json_atomic", "write_text_atomic", "save_figure_atomic"]
 
 
 def write_json_atomic(path: str | Path, data: object) -> Path:
     return _write_json_atomic(path, data, indent=2)
 
 
-def save_figure_atomic(figure, path: str | Path) -> Path:
-    path = Path(path)
-    tmp = _temporary_beside(path).with_suffix(".png")
-    figure.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+def save_figure_atomic(figure: Any, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=110, bbox_inches="tight")
+    return Path(path)
 
 
 def provenance(device: torch.device, argv: Sequence[str] | None = None) -> dict:
     """Date, machine, load, versions and the command of this run."""
-    info = {
+    info: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python -m kvt.benchmarks " + shlex.join(list(argv if argv is not None else sys.argv[1:])),
+        "command": "kvt bench " + shlex.join(list(argv if argv is not None else sys.argv[1:])),
         "host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
         "device": str(device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
     }
@@ -111,7 +107,7 @@ def plot_bars(path: str | Path, title: str, labels: Sequence[str], series: dict[
         plt.close(figure)
 
 
-def plot_stacked(path: str | Path, title: str, labels: Sequence[str], parts: dict[str, Sequence[float]],
+def plot_stacked(path: str | Path, title: str, labels: Sequence[str], parts: Mapping[str, Sequence[float]],
                  ylabel: str) -> Path:
     """Stacked bars: one bar per label, one segment per part (e.g. stage seconds of one request)."""
     import matplotlib

@@ -6,6 +6,7 @@ ones the pipeline really runs; each distinct (stage, dims) is timed once.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -98,8 +99,7 @@ def bench_stage_calls(backend: StageBackend, calls: Iterable[StageCall], peak: D
     for call in calls:
         spec = backend.table[call.stage]
         inputs = spec.sample_inputs(call.dims, device=backend.device, seed=seed)
-        stats = measure(lambda stage=call.stage, args=inputs: backend.run(stage, args), backend.device, warmup,
-                        iterations)
+        stats = measure(functools.partial(backend.run, call.stage, inputs), backend.device, warmup, iterations)
         count = flops(call.stage, inputs, spec.input_names)
         tflops, mfu = achieved(count, stats.median, peak) if count is not None else (None, None)
         results.append(StageResult(call.stage, dict(call.dims), stats, count, tflops, mfu))

@@ -66,7 +66,7 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int = 2, ite
         return LatencyStats.from_samples([s.elapsed_time(e) / 1e3 for s, e in pairs], "cuda-events")
     samples = []
     for _ in range(iterations):
-        start = time.perf_counter()
+        began = time.perf_counter()
         fn()
-        samples.append(time.perf_counter() - start)
+        samples.append(time.perf_counter() - began)
     return LatencyStats.from_samples(samples, "perf_counter")

@@ -9,10 +9,13 @@ type, or finding out which name a framework uses, is one look here.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
 import numpy as np
 import torch
+
+# ``torch`` is also the name of a DType property below, which shadows the module inside the class body.
+_TorchDType: TypeAlias = torch.dtype
 
 
 class _Names(NamedTuple):
@@ -69,7 +72,7 @@ class DType(str, Enum):
         return dtype
 
     @property
-    def numpy(self) -> np.dtype:
+    def numpy(self) -> np.dtype[Any]:
         if self._names.numpy is None:
             raise TypeError(f"numpy has no {self.value} dtype")
         return np.dtype(self._names.numpy)
@@ -109,7 +112,7 @@ class DType(str, Enum):
     # ------------------------------------------------------------------ lookups from other spellings
 
     @classmethod
-    def of_torch(cls, dtype: torch.dtype) -> DType:
+    def of_torch(cls, dtype: _TorchDType) -> DType:
         return _lookup(lambda names: names.torch == dtype, f"torch dtype {dtype}")
 
     @classmethod

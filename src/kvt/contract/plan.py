@@ -61,6 +61,10 @@ def total_steps(fps: str, with_image: bool, key_frame_steps: int = _DEFAULT_STEP
 
 
 def request_total_steps(request: GenerationRequest) -> int:
+    """Sampler steps of ``request``. Not a validation: an fps mode outside the table counts no interpolation
+    steps, so a client can still send the request and report the server's refusal."""
+    if request.fps not in INTERPOLATION_PASSES:
+        return (0 if request.image is not None else request.key_frame_steps) + request.base_frame_steps
     return total_steps(request.fps, request.image is not None, request.key_frame_steps,
                        request.base_frame_steps, request.interpolation_steps)
 

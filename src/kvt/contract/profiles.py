@@ -104,7 +104,7 @@ def _nearest_profile(spec: StageSpec, dims: Mapping[str, int]) -> int:
     return best[1]
 
 
-def _opt_value(values: Counter, primary: Counter) -> int:
+def _opt_value(values: Counter[int], primary: Counter[int]) -> int:
     """opt of one dim: the value the primary resolution calls most often (ties: the larger)."""
     source = primary if primary else values
     return max(source.items(), key=lambda item: (item[1], item[0]))[0]
@@ -129,8 +129,8 @@ def request_profiles(
     check_resolutions(table, resolutions)
     wanted = set(table.names if stages is None else stages)
     # stage -> table profile index -> dim -> Counter(value -> calls); and the same for the primary size
-    seen: dict[str, dict[int, dict[str, Counter]]] = {}
-    primary: dict[str, dict[int, dict[str, Counter]]] = {}
+    seen: dict[str, dict[int, dict[str, Counter[int]]]] = {}
+    primary: dict[str, dict[int, dict[str, Counter[int]]]] = {}
     for order, res in enumerate(resolutions):
         for fps in fps_modes:
             for with_image in (False, True):

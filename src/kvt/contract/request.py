@@ -132,8 +132,10 @@ def validate_request(request: GenerationRequest, resolution: ResolutionRange) ->
 
 def _short(value: Any, limit: int = 80) -> Any:
     """A value as it may appear in an error message: long texts and containers are cut."""
-    if isinstance(value, (str, bytes)) and len(value) > limit:
-        return value[:limit] + (b"..." if isinstance(value, bytes) else "...")
+    if isinstance(value, str) and len(value) > limit:
+        return value[:limit] + "..."
+    if isinstance(value, bytes) and len(value) > limit:
+        return value[:limit] + b"..."
     if isinstance(value, (int, float, bool, type(None), str, bytes)):
         return value
     text = repr(value)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import torch
 
@@ -29,7 +29,7 @@ NUM_BASE_FRAMES = 12
 FPS_FRAMES = {"low": 12, "medium": 45, "high": 177}
 INTERPOLATION_PASSES = {"low": (), "medium": (3,), "high": (3, 1)}  # skip_frames of each pass
 LATENT_CHANNELS = 4
-PIXEL_MULTIPLE = 64  # three stride-2 U-Net levels on the H/8 latent (spec deployment.md)
+PIXEL_MULTIPLE = 64  # three stride-2 U-Net levels on the H/8 latent (docs/spec/deployment.md)
 
 
 @dataclass(frozen=True)
@@ -104,9 +104,16 @@ class StageTableError(UserError):
     """A recorded table summary (in an export, engine directory or Triton repository) is unusable."""
 
 
-def context_length(n_tokens: int, tokens_length: int) -> int:
+@overload
+def context_length(n_tokens: int, tokens_length: int) -> int: ...
+@overload
+def context_length(n_tokens: torch.Tensor, tokens_length: int) -> torch.Tensor: ...
+def context_length(n_tokens: int | torch.Tensor, tokens_length: int) -> int | torch.Tensor:
     """The official trimmed context length L = min(n_tokens + 1, S) of a prompt of ``n_tokens`` tokens
-    (EOS included) read at static length S: the official code keeps one padding position."""
+    (EOS included) read at static length S: the official code keeps one padding position. Works on
+    ints and on tensors (traced into the exported text encoder)."""
+    if isinstance(n_tokens, torch.Tensor):
+        return torch.clamp(n_tokens + 1, max=tokens_length)
     return min(n_tokens + 1, tokens_length)
 
 

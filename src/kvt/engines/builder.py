@@ -21,10 +21,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
 from kvt.contract.dtypes import DType
-from kvt.contract.errors import KvtError
+from kvt.contract.errors import KvtError, UserError
 from kvt.contract.files import replace_dir, temporary_dir_beside
 from kvt.contract.files import write_bytes_atomic as write_atomic
 from kvt.contract.profiles import Profile, Resolution, describe_profiles, input_shapes, select_profiles
@@ -65,9 +65,9 @@ class BuildOptions:
 
     def __post_init__(self) -> None:
         if not 0 <= self.optimization_level <= 5:
-            raise ValueError(f"optimisation level {self.optimization_level}: allowed 0..5")
+            raise UserError(f"optimisation level {self.optimization_level}: allowed 0..5")
         if self.workspace_bytes is not None and self.workspace_bytes <= 0:
-            raise ValueError(f"workspace {self.workspace_bytes} bytes: must be positive")
+            raise UserError(f"workspace {self.workspace_bytes} bytes: must be positive")
 
 
 @dataclass
@@ -144,6 +144,45 @@ class BuiltPlan:
     seconds: float
 
 
+class PlanMaker(Protocol):
+    """Turns one stage's ONNX graph and profiles into a plan. :class:`TensorRTPlanMaker` builds real
+    TensorRT plans; ``kvt rehearse`` passes one that writes stand-in plans (the same profiles, no GPU),
+    so everything around the build (profile selection, build keys, the cache, the manifest) is the same
+    code for both."""
+
+    @property
+    def version(self) -> str:
+        """Recorded as the build key's TensorRT version."""
+
+    @property
+    def gpu(self) -> GpuInfo:
+        """The device the plans are for."""
+
+    def make(self, onnx_path: Path, spec: StageSpec, profiles: Sequence[Profile], options: BuildOptions,
+             timing_cache: bytes) -> BuiltPlan:
+        """One plan of ``spec`` with one optimisation profile per entry of ``profiles``."""
+
+
+class TensorRTPlanMaker:
+    """Real plans, built with the TensorRT library ``trt`` for ``gpu``."""
+
+    def __init__(self, trt: ModuleType, gpu: GpuInfo) -> None:
+        self.trt = trt
+        self._gpu = gpu
+
+    @property
+    def version(self) -> str:
+        return tensorrt_version(self.trt)
+
+    @property
+    def gpu(self) -> GpuInfo:
+        return self._gpu
+
+    def make(self, onnx_path: Path, spec: StageSpec, profiles: Sequence[Profile], options: BuildOptions,
+             timing_cache: bytes) -> BuiltPlan:
+        return build_plan(self.trt, onnx_path, spec, profiles, options, timing_cache)
+
+
 def build_plan(trt: ModuleType, onnx_path: Path, spec: StageSpec, profiles: Sequence[Profile],
                options: BuildOptions, timing_cache: bytes = b"") -> BuiltPlan:
     """One serialized plan of ``spec`` from ``onnx_path``: strongly typed, one profile per entry."""
@@ -217,12 +256,13 @@ def build_engines(
     table_batch: bool = False,
     trt: ModuleType | None = None,
     gpu: GpuInfo | None = None,
+    maker: PlanMaker | None = None,
 ) -> BuildResult:
     """Build (or reuse) one plan per stage into ``out_dir``.
 
     Everything cheap is checked first (export manifest and files, profiles), then TensorRT and the GPU,
     before any TensorRT object exists. ``trt`` and ``gpu`` are for tests (a fake library); by default
-    the real ones are found.
+    the real ones are found. ``maker`` replaces TensorRT altogether (stand-in plans of ``kvt rehearse``).
     """
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
     export = ExportManifest.read(onnx_dir)
@@ -235,11 +275,10 @@ def build_engines(
     export.verify_files(onnx_dir, names)
     plan_profiles = select_profiles(table, resolutions, fps_modes, names, table_batch=table_batch)
 
-    if trt is None:
-        trt = import_tensorrt()
-    if gpu is None:
-        gpu = require_gpu()
-    version = tensorrt_version(trt)
+    if maker is None:
+        maker = TensorRTPlanMaker(trt if trt is not None else import_tensorrt(),
+                                  gpu if gpu is not None else require_gpu())
+    version, gpu = maker.version, maker.gpu
 
     cache = EngineCache(out_dir)
     cache.open_for(str(onnx_dir.resolve()), export_summary(export), overwrite=options.overwrite)
@@ -264,7 +303,7 @@ def build_engines(
             continue
         report(f"{name}: building ({entry.compute_precision} graph, strongly typed; profiles "
                f"{describe_profiles(profiles)}) for {gpu}")
-        built = build_plan(trt, onnx_dir / entry.file, table[name], profiles, options, timing)
+        built = maker.make(onnx_dir / entry.file, table[name], profiles, options, timing)
         stored = cache.store(key, built.plan, built.seconds)
         if built.timing_cache:
             timing = built.timing_cache
@@ -274,5 +313,5 @@ def build_engines(
     return result
 
 
-__all__ = ["BuildOptions", "BuildResult", "EngineBuildError", "OnnxParseError", "StageResult",
-           "TensorRTUnavailable", "build_engines", "build_plan", "export_summary"]
+__all__ = ["BuildOptions", "BuildResult", "EngineBuildError", "OnnxParseError", "PlanMaker", "StageResult",
+           "TensorRTPlanMaker", "TensorRTUnavailable", "build_engines", "build_plan", "export_summary"]

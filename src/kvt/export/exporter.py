@@ -38,13 +38,14 @@ from kvt.export.graph_export import OPSET, ExportError, export_graph
 from kvt.export.parity import SHAPE_LABELS, stage_parity, write_report
 from kvt.export.source import ExportSource
 from kvt.formats.export_dir import NULL_EMBEDDINGS_FILE, TOKENIZER_DIR, ExportManifest, ExportManifestError, StageEntry
+from kvt.models.registry import networks_of_family
 from kvt.models.stage_modules import stage_module, stage_table_for
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16")
-UNET_NETWORKS = ("unet_t2v", "unet_interpolation")
-MOVQ_NETWORKS = ("image_movq", "video_movq")
+UNET_NETWORKS = networks_of_family("unet")
+MOVQ_NETWORKS = networks_of_family("movq")
 
 
 class ExportInputError(ExportError, UserError):
@@ -102,7 +103,7 @@ def export_stage(source: ExportSource, stage: str, compute: str, directory: str)
     try:
         export_graph(stage_module(stage, network), spec, graph)
         traced = time.perf_counter()
-        stats = clean_graph(graph, spec, OPSET, fp16=compute == "fp16")
+        stats: dict[str, float] = dict(clean_graph(graph, spec, OPSET, fp16=compute == "fp16"))
         cleaned = time.perf_counter()
         external = attach_weights(graph, directory_path / f"{stage}.onnx", opened.tensors[spec.network],
                                   spec.input_names)

@@ -73,6 +73,7 @@ def export_graph(module: nn.Module, spec: StageSpec, path: Path) -> list[str]:
         except Exception as exc:  # the exporter raises many types; keep the stage in the message
             raise ExportError(f"stage {spec.name}: torch.onnx.export failed: {type(exc).__name__}: "
                               f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}") from exc
+    assert program is not None  # dynamo=True always returns an ONNXProgram
     _name_dynamic_axes(program, spec)
     weights = [name for name in program.model.graph.initializers]
     unknown = [w for w in weights if not w.startswith(WEIGHT_PREFIX)]

@@ -23,7 +23,7 @@ from kvt.models.checkpoints import VARIANT_RULES, open_checkpoint_dir
 from kvt.models.configs import KandinskyVideoConfig
 from kvt.models.presets import get_preset
 from kvt.models.random_weights import RandomTensors, random_null_embeddings
-from kvt.models.registry import NETWORK_FILES, build_network
+from kvt.models.registry import NETWORK_FILES, NETWORK_NAMES, build_network
 from kvt.models.text_encoder import TINY_TOKENIZER_DIR
 from kvt.models.weight_files import CheckpointError
 
@@ -78,7 +78,7 @@ def config_differences(ours: KandinskyVideoConfig, preset: KandinskyVideoConfig)
     """Fields where a checkpoint's architecture differs from a preset's (variant flags excepted)."""
     out = []
     variant_flags = {(net, flag) for net, rules in VARIANT_RULES.items() for flag in rules}
-    field_of = {entry.network: entry.config_field for entry in NETWORK_FILES}
+    field_of = {entry.name: entry.config_field for entry in NETWORK_FILES}
     network_of = {v: k for k, v in field_of.items()}
     for field in dataclasses.fields(ours):
         a, b = getattr(ours, field.name), getattr(preset, field.name)
@@ -100,8 +100,9 @@ def _open(source: ExportSource) -> OpenedSource:
         from transformers import T5Config
 
         t5_config = T5Config(**preset.t5)
-        tensors = {network: RandomTensors(network, build_network(network, preset.config, t5_config), source.seed)
-                   for network in ("unet_t2v", "unet_interpolation", "image_movq", "video_movq", "text_encoder")}
+        tensors: dict[str, Callable[[str], torch.Tensor]] = {
+            network: RandomTensors(network, build_network(network, preset.config, t5_config), source.seed)
+            for network in NETWORK_NAMES}
         t2v_null, interp_null = random_null_embeddings(preset.config.text_encoder.context_dim, source.seed)
         return OpenedSource(source, preset.config, t5_config, tensors, t2v_null, interp_null,
                             TINY_TOKENIZER_DIR, [])

@@ -195,7 +195,8 @@ class EngineCache:
         write_atomic(self.directory / relative, data)
         with _locked(self.directory):
             manifest = self.manifest()
-            kept, dropped = [], []
+            kept: list[PlanEntry] = []
+            dropped: list[PlanEntry] = []
             for old in manifest.stages.get(key.stage, []):
                 same_target = (old.key.tensorrt_version == key.tensorrt_version
                                and old.key.compute_capability == key.compute_capability)

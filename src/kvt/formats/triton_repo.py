@@ -18,7 +18,7 @@ from kvt.contract.files import check_file_records
 from kvt.contract.stages import StageSpec, parse_symbol
 
 REPOSITORY_FILE = "kvt_repository.json"
-VERSION = "2"
+VERSION = "1"  # the model version folder of every model (Triton serves the latest)
 PIPELINE_FILE = "pipeline.json"  # the orchestrator's facts, in its version folder
 
 TOKENIZER_MODEL = "text_tokenizer"
@@ -39,9 +39,10 @@ def batch_dim(spec: StageSpec) -> str | None:
     if not spec.batch_independent:
         return None
     firsts = {t.shape[0] for t in spec.inputs + spec.outputs}
-    if len(firsts) != 1 or not isinstance(next(iter(firsts)), str):
+    first = next(iter(firsts), None)
+    if len(firsts) != 1 or not isinstance(first, str):
         raise RepositoryError(f"stage {spec.name}: tensors do not share a first dimension ({sorted(map(str, firsts))})")
-    scale, name = parse_symbol(next(iter(firsts)))
+    scale, name = parse_symbol(first)
     if scale != 1:
         raise RepositoryError(f"stage {spec.name}: first dimension {name} is scaled; it cannot be a batch dim")
     return name

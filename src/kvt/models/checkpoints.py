@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -43,7 +43,7 @@ from kvt.models.registry import (
     REQUIRED_FILES,
     build_network,
 )
-from kvt.models.text_encoder import PROJECTION_HEADS, PromptTokenizer
+from kvt.models.text_encoder import PROJECTION_HEADS, PromptTokenizer, TextEncoder
 from kvt.models.weight_files import (
     SAFETENSORS_SUFFIX,
     CheckpointError,
@@ -324,7 +324,7 @@ def _open_text_encoder(t5_dir: Path, projections_path: Path,
         raise CheckpointError(
             f"{projections_path}: expected a dict with {list(PROJECTION_HEADS)}, found {found}")
 
-    encoder = build_network("text_encoder", config, t5_config)
+    encoder = cast(TextEncoder, build_network("text_encoder", config, t5_config))  # the registry's row builds one
     if encoder.projection_base[0].in_features != t5_config.d_model:
         raise CheckpointError(f"{t5_dir}: d_model={t5_config.d_model} does not fit the projections")
     for head in PROJECTION_HEADS:
@@ -349,6 +349,7 @@ def open_checkpoint_dir(checkpoint_dir: str | Path,
     for entry in NETWORK_FILES:
         path = weight_file(checkpoint_dir, entry.file) or checkpoint_dir / entry.file
         data = read_weight_file(checkpoint_dir, entry.file)
+        state_dict: Mapping[str, torch.Tensor]
         if entry.layout == "unet":
             state_dict, null = _split_unet_file(data, path)
             nulls[entry.name] = _check_null_embedding(null, context_dim, path)
@@ -391,7 +392,7 @@ def load_checkpoint_dir(
         unet_interpolation=networks["unet_interpolation"],
         image_movq=networks["image_movq"],
         video_movq=networks["video_movq"],
-        text_encoder=networks["text_encoder"],
+        text_encoder=cast(TextEncoder, networks["text_encoder"]),  # what the registry builds for it
         tokenizer=tokenizer,
         t2v_null_embedding=ckpt.t2v_null_embedding,
         interpolation_null_embedding=ckpt.interpolation_null_embedding,

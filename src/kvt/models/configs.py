@@ -91,6 +91,20 @@ class UNetSkeletonConfig:
         return self.out_channels or self.num_channels
 
     @property
+    def required_time_embed_dim(self) -> int:
+        """``time_embed_dim``, which :meth:`validate` requires (the U-Nets validate before they build)."""
+        if self.time_embed_dim is None:
+            raise ConfigError("time_embed_dim must be a positive integer")
+        return self.time_embed_dim
+
+    @property
+    def required_context_dim(self) -> int:
+        """``context_dim``, which :meth:`validate` requires (the U-Nets validate before they build)."""
+        if self.context_dim is None:
+            raise ConfigError("context_dim must be a positive integer")
+        return self.context_dim
+
+    @property
     def hidden_dims(self) -> tuple[int, ...]:
         """[init_channels, model_channels * m for m in dim_mult]: the channel plan of the levels."""
         return (self.resolved_init_channels,) + tuple(self.model_channels * m for m in self.dim_mult)
@@ -107,6 +121,7 @@ class UNetSkeletonConfig:
         _require(all(n >= 2 for n in self.num_blocks), where,
                  f"num_blocks must all be >= 2 (got {list(self.num_blocks)}); with 1 the official "
                  "up path produces the wrong width")
+        assert self.time_embed_dim is not None  # the _require above raised otherwise
         _require(self.time_embed_dim % self.head_dim == 0, where,
                  f"time_embed_dim {self.time_embed_dim} must be divisible by head_dim {self.head_dim}")
 
@@ -283,7 +298,7 @@ class KandinskyVideoConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "configs.json") -> KandinskyVideoConfig:
-        required = ("t2v", "interpolation", "text_encoder", "image_movq", "video_movq")
+        required = tuple(f.name for f in dataclasses.fields(cls))
         missing = [k for k in required if k not in data]
         if missing:
             raise ConfigError(f"{where}: missing entries {missing}; expected {list(required)}")

@@ -2,11 +2,11 @@
 
 One class serves both checkpoints: ``movq.pt`` (image MoVQ) and ``video_movq.pt`` (same network plus
 3x3x3 temporal convolutions in every decoder ResnetBlock and temporal attention at the lowest level).
-Attribute names reproduce the official ``state_dict`` keys exactly (see ../shared/spec/checkpoints.md).
+Attribute names reproduce the official ``state_dict`` keys exactly (see docs/spec/checkpoints.md).
 
 Unlike the official code, which loops over frames in Python, every op here is batched so the graph
 exports with a dynamic batch. The official per-frame loops have observable numerical side effects that
-are reproduced on purpose (../shared/spec/movq.md, quirks 25-28):
+are reproduced on purpose (docs/spec/movq.md, quirks 25-28):
 
 * a decode call is split into chunks of ``chunk_size`` frames; temporal convolutions zero-pad at each
   chunk's first/last frame and temporal attention only sees the frames of its chunk;
@@ -111,6 +111,7 @@ class ResnetBlock(nn.Module):
             self.temporal_projection2 = nn.Conv3d(out_channels, out_channels, 3, padding=1)
             for conv in (self.temporal_projection1, self.temporal_projection2):
                 nn.init.zeros_(conv.weight)
+                assert conv.bias is not None  # built with a bias
                 nn.init.zeros_(conv.bias)
             if flicker_augmentation:
                 self.temporal_flicker_proj = nn.Linear(1, out_channels)

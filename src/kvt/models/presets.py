@@ -1,7 +1,7 @@
 """Model presets: ``full`` (the released Kandinsky Video 1.1 sizes), ``tiny`` (the reference sizes)
 and ``small`` (a mid-size for CPU benchmarks).
 
-``full`` follows ../shared/spec (unet_t2v.md, unet_interpolation.md, movq.md, text_encoder.md);
+``full`` follows docs/spec (unet_t2v.md, unet_interpolation.md, movq.md, text_encoder.md);
 ``tiny`` is the configuration of the golden reference data, small enough to run end to end on a CPU in
 seconds; ``small`` keeps the full layout and 128-token context at 1/12 of the U-Net width. A preset
 is a complete description: network configs, the T5 encoder architecture, and the default output size.

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import zlib
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ from torch import nn
 from kvt.models.model_set import KandinskyVideoModels, Precision, finish_network
 from kvt.models.presets import Preset
 from kvt.models.registry import build_network, network_spec
-from kvt.models.text_encoder import TINY_TOKENIZER_DIR, PromptTokenizer
+from kvt.models.text_encoder import TINY_TOKENIZER_DIR, PromptTokenizer, TextEncoder
 
 _NORMS = (nn.GroupNorm, nn.LayerNorm)
 
@@ -193,7 +194,7 @@ def random_models(
         unet_interpolation=build("unet_interpolation"),
         image_movq=build("image_movq"),
         video_movq=build("video_movq"),
-        text_encoder=build("text_encoder"),
+        text_encoder=cast(TextEncoder, build("text_encoder")),  # what the registry builds for it
         tokenizer=PromptTokenizer(tokenizer_dir or TINY_TOKENIZER_DIR, config.text_encoder.tokens_length),
         t2v_null_embedding=t2v_null,
         interpolation_null_embedding=interpolation_null,

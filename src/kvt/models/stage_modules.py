@@ -15,7 +15,11 @@ from torch import nn
 from kvt.contract.stages import NUM_BASE_FRAMES, ModelDims, ResolutionRange, StageTable, build_stage_table
 from kvt.models.configs import KandinskyVideoConfig
 from kvt.models.model_set import KandinskyVideoModels
+from kvt.models.movq import MoVQ
 from kvt.models.presets import preset_for_config
+from kvt.models.text_encoder import TextEncoder
+from kvt.models.unet_interpolation import UNetInterpolation
+from kvt.models.unet_t2v import UNetT2V
 
 
 def _weight_dtype(module: nn.Module) -> torch.dtype:
@@ -40,11 +44,15 @@ class _StageModule(nn.Module):
 
 
 class TextEncoderStage(_StageModule):
+    network: TextEncoder  # the network the stage table names for this stage (STAGE_MODULES below)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self._out(self.network(input_ids, attention_mask))
 
 
 class UNetT2VImageStage(_StageModule):
+    network: UNetT2V
+
     def forward(self, sample, timestep, context, context_mask, context_len) -> torch.Tensor:
         eps = self.network.forward_image(self._in(sample), timestep, self._in(context), context_mask,
                                          context_len=context_len)
@@ -52,6 +60,8 @@ class UNetT2VImageStage(_StageModule):
 
 
 class UNetT2VVideoStage(_StageModule):
+    network: UNetT2V
+
     def forward(self, sample, timestep, context, context_mask, context_len, frame_index, noise_aug,
                 motion_score) -> torch.Tensor:
         eps = self.network.forward_video(self._in(sample), timestep, self._in(context), context_mask,
@@ -61,6 +71,8 @@ class UNetT2VVideoStage(_StageModule):
 
 
 class UNetInterpolationStage(_StageModule):
+    network: UNetInterpolation
+
     def forward(self, sample, timestep, context, context_mask, context_len, skip_frames,
                 perturbation_time, temporal_mask) -> torch.Tensor:
         v = self.network(self._in(sample), timestep, self._in(context), context_mask, skip_frames,
@@ -70,11 +82,15 @@ class UNetInterpolationStage(_StageModule):
 
 
 class MoVQEncoderStage(_StageModule):
+    network: MoVQ
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self._out(self.network.encode(self._in(image)))
 
 
 class MoVQDecoderStage(_StageModule):
+    network: MoVQ
+
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         return self._out(self.network.decode(self._in(latent)))
 

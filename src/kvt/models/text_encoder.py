@@ -3,7 +3,7 @@
 The official pipeline trims the context to L = n_tokens + 1 positions after zeroing padded rows. Here the
 encoder always returns the static ``tokens_length`` positions (padded rows exactly zero); the trimmed
 length travels separately as ``context_len`` (see ``text_context_length``), which the U-Nets use for
-their pooling mean. Both forms give the same U-Net outputs (spec deployment.md, "Context length").
+their pooling mean. Both forms give the same U-Net outputs (docs/spec/deployment.md, "Context length").
 """
 
 from __future__ import annotations
@@ -11,9 +11,15 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
+
+from kvt.contract.stages import context_length
+
+if TYPE_CHECKING:
+    from transformers import T5EncoderModel
 
 TINY_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tiny_tokenizer"
 
@@ -33,7 +39,7 @@ class TextEncoder(nn.Module):
     but never uses it); ``head`` selects the other one for experiments.
     """
 
-    def __init__(self, t5: nn.Module, context_dim: int) -> None:
+    def __init__(self, t5: T5EncoderModel, context_dim: int) -> None:
         super().__init__()
         self.t5 = t5
         d_model = t5.config.d_model
@@ -42,7 +48,7 @@ class TextEncoder(nn.Module):
 
     @property
     def context_dim(self) -> int:
-        return self.projection_base[1].normalized_shape[0]
+        return cast(nn.LayerNorm, self.projection_base[1]).normalized_shape[0]  # see make_projection
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The T5 stack's last hidden state [B, S, d_model] (runs on all S positions, as official)."""
@@ -76,7 +82,7 @@ def text_context_length(attention_mask: torch.Tensor) -> torch.Tensor:
     """
     seq = attention_mask.shape[-1]
     n_tokens = (attention_mask != 0).sum(-1).amax()
-    length = torch.clamp(n_tokens + 1, max=seq).to(torch.float32)
+    length = context_length(n_tokens, seq).to(torch.float32)
     return length.expand(attention_mask.shape[0]).clone()
 
 

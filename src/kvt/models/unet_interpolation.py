@@ -1,5 +1,5 @@
 """The interpolation U-Net of Kandinsky Video 1.1 (``interpolation.pt``), see
-``../shared/spec/unet_interpolation.md``.
+``docs/spec/unet_interpolation.md``.
 
 The temporal axis is the *group* index: a batch (B, ...) is regrouped as (B // G, G, ...), with the
 pipeline's layout [G conditional | G unconditional]. Every temporal layer is gated per row:
@@ -57,6 +57,7 @@ class TemporalConv3D(nn.Module):
         self.temporal_merge = nn.Parameter(torch.zeros(1))
         self.temporal_projection = nn.Conv3d(in_channels, out_channels, (3, 1, 1), padding=(1, 0, 0))
         nn.init.zeros_(self.temporal_projection.weight)
+        assert self.temporal_projection.bias is not None  # built with a bias
         nn.init.zeros_(self.temporal_projection.bias)
 
     def forward(self, x: Tensor, gating: GroupGating) -> Tensor:
@@ -184,16 +185,16 @@ class _LevelFactory:
 
     def attention(self, channels: int, context_dim: int | None) -> AttentionBlock:
         c = self.cfg
-        return AttentionBlock(channels, c.time_embed_dim, context_dim, c.groups, c.head_dim,
+        return AttentionBlock(channels, c.required_time_embed_dim, context_dim, c.groups, c.head_dim,
                               c.expansion_ratio)
 
     def temporal_attention(self, channels: int) -> TemporalAttentionBlock:
         c = self.cfg
-        return TemporalAttentionBlock(channels, c.time_embed_dim, c.groups, c.head_dim, c.expansion_ratio)
+        return TemporalAttentionBlock(channels, c.required_time_embed_dim, c.groups, c.head_dim, c.expansion_ratio)
 
     def resnet(self, cin: int, cout: int, resample: Resample = None) -> InterpolationResNetBlock:
         c = self.cfg
-        return InterpolationResNetBlock(cin, cout, c.time_embed_dim, c.groups, c.compression_ratio,
+        return InterpolationResNetBlock(cin, cout, c.required_time_embed_dim, c.groups, c.compression_ratio,
                                         resample, c.add_new_temporal_params)
 
     def unit(self, cin: int, mid: int, cout: int, cross: bool, in_resample: Resample,
@@ -264,13 +265,13 @@ class UNetInterpolation(nn.Module):
         super().__init__()
         config.validate("UNetInterpolation")
         self.config = config
-        init, embed = config.resolved_init_channels, config.time_embed_dim
+        init, embed = config.resolved_init_channels, config.required_time_embed_dim
         self.to_time_embed = EmbedMLP(init, embed)
         self.perturbation_to_time_embed = EmbedMLP(init, embed)
         self.time_embed_merge = nn.Parameter(torch.zeros(1))
         self.skip_merge = nn.Parameter(torch.zeros(1))
         self.skip_embeddings = nn.Embedding(20, embed)
-        self.feature_pooling = AttentionPolling(embed, config.context_dim, config.head_dim)
+        self.feature_pooling = AttentionPolling(embed, config.required_context_dim, config.head_dim)
         self.in_layer = nn.Conv2d(config.num_channels, init, kernel_size=3, padding=1)
         make = _LevelFactory(config)
         down, up = unet_levels(config)

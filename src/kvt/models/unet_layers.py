@@ -1,7 +1,7 @@
 """Building blocks shared by the two Kandinsky Video U-Nets (the Kandinsky 3 skeleton).
 
 Attribute names follow the official modules so that ``state_dict`` keys match the released checkpoints
-(``../shared/spec/checkpoints.md``). Differences from the official code, all numerically neutral:
+(``docs/spec/checkpoints.md``). Differences from the official code, all numerically neutral:
 
 * attention runs through ``F.scaled_dot_product_attention`` (boolean masks, scale ``head_dim ** -0.5``);
 * only the sinusoidal embeddings and the group norms are computed in float32 (what the official CUDA
@@ -76,9 +76,10 @@ class ConditionalGroupNorm(nn.Module):
     def __init__(self, groups: int, channels: int, embed_dim: int) -> None:
         super().__init__()
         self.norm = FP32GroupNorm(groups, channels, affine=False)
-        self.context_mlp = nn.Sequential(nn.SiLU(), nn.Linear(embed_dim, 2 * channels))
-        nn.init.zeros_(self.context_mlp[1].weight)
-        nn.init.zeros_(self.context_mlp[1].bias)
+        linear = nn.Linear(embed_dim, 2 * channels)
+        self.context_mlp = nn.Sequential(nn.SiLU(), linear)
+        nn.init.zeros_(linear.weight)
+        nn.init.zeros_(linear.bias)
 
     def forward(self, x: Tensor, embed: Tensor) -> Tensor:
         params = self.context_mlp(embed)
@@ -213,7 +214,7 @@ class AttentionBlock(nn.Module):
 
 @contextmanager
 def text_constant(network: nn.Module) -> Iterator[None]:
-    """Hoist the text-only work of ``network`` out of a denoising loop (spec deployment.md, rewrite 3).
+    """Hoist the text-only work of ``network`` out of a denoising loop (docs/spec/deployment.md, rewrite 3).
 
     Inside the block, every cross-attention's keys/values and every attention-pooled text vector are
     computed on the first call and reused: the caller promises that the text inputs (context, mask,
@@ -337,6 +338,7 @@ class ClipLayout:
         """(N*T, ...) -> (N, T, ...)."""
         if self.frames is not None:
             return x.reshape(-1, self.frames, *x.shape[1:])
+        assert self.clips is not None  # __post_init__: exactly one of frames / clips
         return x.reshape(self.clips, -1, *x.shape[1:])
 
 

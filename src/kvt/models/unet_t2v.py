@@ -1,4 +1,4 @@
-"""The text-to-video U-Net3D of Kandinsky Video 1.1 (``t2v.pt``), see ``../shared/spec/unet_t2v.md``.
+"""The text-to-video U-Net3D of Kandinsky Video 1.1 (``t2v.pt``), see ``docs/spec/unet_t2v.md``.
 
 One set of weights, two entry points:
 
@@ -13,6 +13,7 @@ depends on the batch size.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -58,9 +59,14 @@ class TemporalConvStage(nn.Sequential):
                       padding=((kernel_size - 1) // 2, 0, 0)),
         )
 
-    def forward(self, x: Tensor, video: VideoConditioning) -> Tensor:
-        norm, activation, conv = self
-        return conv_over_time(conv, activation(norm(x, video.embed)), video.layout)
+    @property
+    def conv(self) -> nn.Conv3d:
+        return cast(nn.Conv3d, self[2])  # built in __init__
+
+    # A Sequential whose layers take the conditioning too: not Sequential.forward(input)'s signature.
+    def forward(self, x: Tensor, video: VideoConditioning) -> Tensor:  # type: ignore[override]
+        norm, activation, _ = self
+        return conv_over_time(self.conv, activation(norm(x, video.embed)), video.layout)
 
 
 class TemporalResNetBlock(nn.Module):
@@ -74,8 +80,9 @@ class TemporalResNetBlock(nn.Module):
             TemporalConvStage(cin, cout, k, embed_dim, groups)
             for (cin, cout), k in zip(widths, [1, 3, 3, 1])
         ])
-        last_conv = self.temporal_resnet_blocks[-1][-1]
+        last_conv = cast(TemporalConvStage, self.temporal_resnet_blocks[-1]).conv
         nn.init.zeros_(last_conv.weight)
+        assert last_conv.bias is not None  # built with a bias
         nn.init.zeros_(last_conv.bias)
 
     def forward(self, x: Tensor, video: VideoConditioning) -> Tensor:
@@ -159,21 +166,21 @@ class UpUnit(_Unit):
 
 
 def _attention_block(channels: int, cfg: UNetT2VConfig, context_dim: int | None) -> AttentionBlock:
-    return AttentionBlock(channels, cfg.time_embed_dim, context_dim, cfg.groups, cfg.head_dim,
+    return AttentionBlock(channels, cfg.required_time_embed_dim, context_dim, cfg.groups, cfg.head_dim,
                           cfg.expansion_ratio)
 
 
 def _temporal_attention_block(channels: int, cfg: UNetT2VConfig) -> TemporalAttentionBlock:
-    return TemporalAttentionBlock(channels, cfg.time_embed_dim, cfg.groups, cfg.head_dim,
+    return TemporalAttentionBlock(channels, cfg.required_time_embed_dim, cfg.groups, cfg.head_dim,
                                   cfg.expansion_ratio)
 
 
 def _resnet(cin: int, cout: int, cfg: UNetT2VConfig, resample: Resample = None) -> ResNetBlock:
-    return ResNetBlock(cin, cout, cfg.time_embed_dim, cfg.groups, cfg.compression_ratio, resample)
+    return ResNetBlock(cin, cout, cfg.required_time_embed_dim, cfg.groups, cfg.compression_ratio, resample)
 
 
 def _temporal_resnet(channels: int, cfg: UNetT2VConfig) -> TemporalResNetBlock:
-    return TemporalResNetBlock(channels, cfg.time_embed_dim, cfg.groups, cfg.compression_ratio)
+    return TemporalResNetBlock(channels, cfg.required_time_embed_dim, cfg.groups, cfg.compression_ratio)
 
 
 class DownLevel(nn.Module):
@@ -188,7 +195,7 @@ class DownLevel(nn.Module):
         widths = [(cin, cout)] + [(cout, cout)] * (plan.num_blocks - 1)
         units = []
         for i, (a, b) in enumerate(widths):
-            down = "down" if plan.resample and i == plan.num_blocks - 1 else None
+            down: Resample = "down" if plan.resample and i == plan.num_blocks - 1 else None
             cross = _attention_block(b, cfg, cfg.context_dim) if plan.cross_attention else None
             units.append(DownUnit(_resnet(a, b, cfg), cross, _resnet(b, b, cfg, down),
                                   _temporal_resnet(b, cfg), _temporal_resnet(b, cfg)))
@@ -215,7 +222,7 @@ class UpLevel(nn.Module):
                   + [(cin, cout)])
         units = []
         for i, (a, b) in enumerate(widths):
-            up = "up" if plan.resample and i == 0 else None
+            up: Resample = "up" if plan.resample and i == 0 else None
             cross = _attention_block(a, cfg, cfg.context_dim) if plan.cross_attention else None
             units.append(UpUnit(_resnet(a, a, cfg, up), cross, _resnet(a, b, cfg),
                                 _temporal_resnet(a, cfg), _temporal_resnet(a, cfg)))
@@ -242,9 +249,9 @@ class UNetT2V(nn.Module):
         super().__init__()
         config.validate("UNetT2V")
         self.config = config
-        init, embed = config.resolved_init_channels, config.time_embed_dim
+        init, embed = config.resolved_init_channels, config.required_time_embed_dim
         self.to_time_embed = EmbedMLP(init, embed)
-        self.feature_pooling = AttentionPolling(embed, config.context_dim, config.head_dim)
+        self.feature_pooling = AttentionPolling(embed, config.required_context_dim, config.head_dim)
         self.to_temporal_embed = EmbedMLP(init, embed)
         self.in_layer = nn.Conv2d(config.num_channels, init, kernel_size=3, padding=1)
         self.image_in_layer = nn.Conv2d(config.num_channels, init, kernel_size=3, padding=1)

@@ -121,7 +121,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses tensors that share memory: give each its own contiguous copy only then."""
-    seen: set[tuple[int, int]] = set()
+    seen: set[tuple[int, int | torch.SymInt]] = set()
     out = {}
     for key, value in tensors.items():
         value = value.detach().cpu()

@@ -26,22 +26,18 @@ import copy
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from kvt.contract.stages import StageTable
-from kvt.models.model_set import KandinskyVideoModels
+from kvt.models.model_set import KandinskyVideoModels, Precision
+from kvt.models.registry import networks_of_family
 from kvt.models.unet_layers import text_constant
 from kvt.runtime.backends.torch_backend import TorchBackend
 from kvt.runtime.loading import default_size_for as _default_size_for
 from kvt.runtime.pipeline import KandinskyVideoPipeline, PromptContext
-
-UNET_STAGES = ("unet_t2v_image", "unet_t2v_video", "unet_interp")
-# Stages whose first input is an image-like NCHW tensor worth handing over in channels-last layout.
-_NCHW_INPUT = {"unet_t2v_image": "sample", "unet_t2v_video": "sample", "unet_interp": "sample",
-               "movq_encoder": "image", "movq_decoder": "latent", "video_movq_decoder": "latent"}
-_NETWORK_OF_STAGE_FAMILY = {"unet": ("unet_t2v", "unet_interpolation"), "movq": ("image_movq", "video_movq")}
 
 
 @dataclass(frozen=True)
@@ -53,7 +49,8 @@ class FastPathOptions:
     movq_dtype: torch.dtype = torch.float32  # FP16 MoVQs change outputs; opt-in only
     channels_last: bool | None = None
     cuda_graphs: bool | None = None
-    graph_stages: tuple[str, ...] = UNET_STAGES  # the fixed-shape calls of the denoising loops
+    # The fixed-shape calls captured as CUDA graphs; None = the stage table's loop stages.
+    graph_stages: tuple[str, ...] | None = None
     compile: bool = False
     compile_mode: str | None = None  # torch.compile mode; None = torch's default
     # Text-only work (cross-attention K/V, attention pooling) computed once per sampler loop; exact.
@@ -87,11 +84,10 @@ def models_with_precision(models: KandinskyVideoModels, unet: torch.dtype | None
     Sharing matters at full size: the baseline and the fast path use the same FP16 U-Nets, and only the
     text encoder is held twice (FP32 for the baseline, BF16 for the fast path).
     """
-    wanted = {"unet_t2v": unet, "unet_interpolation": unet, "image_movq": movq, "video_movq": movq,
-              "text_encoder": text_encoder}
-    changes: dict[str, nn.Module] = {}
-    for name, dtype in wanted.items():
-        module = getattr(models, name)
+    precision = Precision(unet=unet, text_encoder=text_encoder, movq=movq)
+    changes: dict[str, Any] = {}  # network name -> nn.Module, as dataclasses.replace keywords
+    for name, module in models.networks().items():
+        dtype = precision.of_network(name)
         if dtype is None or next(module.parameters()).dtype == dtype:
             continue
         changes[name] = converted_copy(module, dtype)
@@ -138,9 +134,10 @@ class CudaGraphCall:
     """
 
     def __init__(self, fn: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]],
-                 inputs: Mapping[str, torch.Tensor], pool=None, warmup: int = 2) -> None:
+                 inputs: Mapping[str, torch.Tensor], pool: Any = None, warmup: int = 2) -> None:
+        """``pool``: a ``torch.cuda.graph_pool_handle()`` shared by several graphs, or None."""
         self.static_inputs = {name: value.clone() for name, value in inputs.items()}
-        side = torch.cuda.Stream()
+        side = torch.cuda.Stream()  # type: ignore[no-untyped-call]  # torch's Stream.__new__ is unannotated
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmup):
@@ -159,7 +156,7 @@ class CudaGraphCall:
         return {name: value.clone() for name, value in self.static_outputs.items()}
 
 
-def _shape_key(stage: str, inputs: Mapping[str, torch.Tensor]) -> tuple:
+def _shape_key(stage: str, inputs: Mapping[str, torch.Tensor]) -> tuple[object, ...]:
     return (stage,) + tuple((name, tuple(t.shape), t.dtype) for name, t in sorted(inputs.items()))
 
 
@@ -177,20 +174,19 @@ class FastTorchBackend(TorchBackend):
         super().__init__(models, table, validate)
         self.options = options.resolved(self.device)
         if self.options.channels_last:
-            for family in _NETWORK_OF_STAGE_FAMILY.values():
-                for network in family:
-                    to_channels_last_(getattr(models, network))
-        self._callables: dict[str, Callable] = {}
+            for network in networks_of_family("unet") + networks_of_family("movq"):
+                to_channels_last_(getattr(models, network))
+        self._callables: dict[str, Callable[..., Any]] = {}
         for stage, module in self.modules.items():
             self._callables[stage] = (torch.compile(module, mode=self.options.compile_mode, dynamic=False)
-                                      if self.options.compile and stage in UNET_STAGES else module)
-        self._graphs: dict[tuple, CudaGraphCall] = {}
+                                      if self.options.compile and stage in self.table.loop_stages else module)
+        self._graphs: dict[tuple[object, ...], CudaGraphCall] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.options.cuda_graphs else None
 
     def _eager(self, stage: str) -> Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]:
         spec = self.table[stage]
         fn = self._callables[stage]
-        layout_input = _NCHW_INPUT.get(stage) if self.options.channels_last else None
+        layout_input = spec.layout_input if self.options.channels_last else None
 
         def call(inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             args = []
@@ -207,7 +203,8 @@ class FastTorchBackend(TorchBackend):
 
     @torch.inference_mode()
     def _run(self, stage: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if not (self.options.cuda_graphs and stage in self.options.graph_stages):
+        graph_stages = self.options.graph_stages if self.options.graph_stages is not None else self.table.loop_stages
+        if not (self.options.cuda_graphs and stage in graph_stages):
             return self._eager(stage)(inputs)
         key = _shape_key(stage, inputs)
         graph = self._graphs.get(key)
@@ -215,7 +212,7 @@ class FastTorchBackend(TorchBackend):
             graph = self._graphs[key] = CudaGraphCall(self._eager(stage), inputs, pool=self._pool)
         return graph(inputs)
 
-    def loop_scope(self, stage: str) -> contextlib.AbstractContextManager:
+    def loop_scope(self, stage: str) -> contextlib.AbstractContextManager[None]:
         """Hoist the text-only work of ``stage``'s U-Net out of the loop (exact; see text_constant)."""
         if not self.options.hoist_text or stage not in self.modules:
             return contextlib.nullcontext()
@@ -243,7 +240,7 @@ class OfficialStyleBackend(TorchBackend):
     @torch.inference_mode()
     def _run(self, stage: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         autocast = (torch.autocast("cuda", dtype=torch.float16)
-                    if self.device.type == "cuda" and stage in UNET_STAGES else contextlib.nullcontext())
+                    if self.device.type == "cuda" and stage in self.table.loop_stages else contextlib.nullcontext())
         with math_attention(), autocast:
             return super()._run(stage, inputs)
 
@@ -268,15 +265,17 @@ class OfficialStylePipeline(KandinskyVideoPipeline):
         context = self.backend.run("text_encoder", {"input_ids": ids, "attention_mask": mask})["context"]
         return dataclasses.replace(text, context=context)
 
-    def generate_base_frames(self, text: PromptContext, *args, **kwargs) -> torch.Tensor:
+    def generate_base_frames(self, text: PromptContext, *args: Any, **kwargs: Any) -> torch.Tensor:
         return super().generate_base_frames(self._reencode(text), *args, **kwargs)
 
-    def interpolate(self, text: PromptContext, *args, **kwargs) -> torch.Tensor:
+    def interpolate(self, text: PromptContext, *args: Any, **kwargs: Any) -> torch.Tensor:
         return super().interpolate(self._reencode(text), *args, **kwargs)
 
 
-def _pipeline(cls: type[KandinskyVideoPipeline], backend: TorchBackend,
-              models: KandinskyVideoModels) -> KandinskyVideoPipeline:
+_Pipeline = TypeVar("_Pipeline", bound=KandinskyVideoPipeline)
+
+
+def _pipeline(cls: type[_Pipeline], backend: TorchBackend, models: KandinskyVideoModels) -> _Pipeline:
     return cls(backend, models.tokenizer, models.t2v_null_embedding, models.interpolation_null_embedding,
                _default_size_for(models.config))
 

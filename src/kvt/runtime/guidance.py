@@ -1,4 +1,4 @@
-"""Classifier-free guidance of the three loops, in the official evaluation order (spec quirk 23).
+"""Classifier-free guidance of the three loops, in the official evaluation order (docs/spec/quirks.md, quirk 23).
 
 The batch layouts are fixed by the pipeline: loop A and C stack [conditional | unconditional], loop B
 stacks [prompt + image | null prompt + image | null prompt, no image].

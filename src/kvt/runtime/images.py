@@ -1,4 +1,4 @@
-"""Pixel conversions the official pipeline performs around the MoVQs (spec quirks 16 and 30).
+"""Pixel conversions the official pipeline performs around the MoVQs (docs/spec/quirks.md, quirks 16 and 30).
 
 The key frame is part of the model's behaviour as a uint8 PIL image: decoded, clipped, x255 and
 truncated, resized with Pillow's default filter, centre-cropped (Pillow rounds the float box), converted
@@ -8,8 +8,10 @@ to RGB and mapped back to [-1, 1]. A torch resize is not equivalent, so Pillow d
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -25,7 +27,7 @@ class ImageInputError(UserError):
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
+def to_uint8(images: torch.Tensor) -> npt.NDArray[np.uint8]:
     """[N, 3, H, W] decoder output -> [N, H, W, 3] uint8: clip((x + 1) / 2) x 255, truncated."""
     pixels = torch.clip((images.float() + 1.0) / 2.0, 0.0, 1.0).mul(255.0)
     return pixels.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -73,7 +75,7 @@ def _check_pixels(size: tuple[int, int], what: str) -> None:
                               f"{MAX_IMAGE_PIXELS} in all are accepted")
 
 
-def image_from_array(array: np.ndarray | torch.Tensor) -> Image.Image:
+def image_from_array(array: npt.NDArray[Any] | torch.Tensor) -> Image.Image:
     """An image sent as a tensor (Triton, Python callers): uint8 [H, W, 3], [H, W, 4] or [H, W].
 
     Floats are refused rather than guessed at ([0, 1] or [0, 255]?); the shape and size are checked

@@ -1,6 +1,6 @@
 """Where the pipeline's randomness comes from.
 
-The official pipeline draws from torch's global RNG in a fixed order (spec sampling.md, "RNG
+The official pipeline draws from torch's global RNG in a fixed order (docs/spec/sampling.md, "RNG
 consumption order"). The pipeline asks a :class:`NoiseSource` for every draw in that same order, so a
 seeded run is reproducible without touching global state, and a recorded run can be replayed exactly.
 """

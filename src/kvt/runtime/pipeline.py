@@ -1,6 +1,6 @@
 """The Kandinsky Video 1.1 pipeline, written once over any stage backend.
 
-Flow of one request (spec README, sampling.md)::
+Flow of one request (docs/spec/README.md, sampling.md)::
 
     prompt -> [text_encoder] once -> context (static length) + context_len
     no image: loop A [unet_t2v_image] x steps -> [movq_decoder] -> uint8 key frame (2H x 2W)
@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from PIL import Image
 
 from kvt.contract.errors import CancelledError, TimedOutError
 from kvt.contract.plan import request_total_steps, video_decode_chunks
-from kvt.contract.request import GenerationRequest, InvalidRequestError, validate_request
+from kvt.contract.request import GenerationRequest, InvalidRequestError, _short, validate_request
 from kvt.contract.stages import INTERPOLATION_PASSES, LATENT_CHANNELS, NUM_BASE_FRAMES, StageTable, context_length
 from kvt.models.model_set import KandinskyVideoModels
 from kvt.models.text_encoder import PromptTokenizer, TokenizedPrompt
@@ -100,7 +101,7 @@ class VideoOutput:
     key frame at 2H x 2W.
     """
 
-    frames: np.ndarray
+    frames: npt.NDArray[np.uint8]
     latents: torch.Tensor
     key_frame: Image.Image
     request: GenerationRequest
@@ -295,11 +296,13 @@ class KandinskyVideoPipeline:
         validate_request(request, self.table.resolution)
         if timeout_s is not None:
             if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
-                raise InvalidRequestError("timeout_s", timeout_s, "a positive number of seconds")
+                raise InvalidRequestError("timeout_s", _short(timeout_s), "a positive number of seconds")
             callback = _with_deadline(callback, time.monotonic() + timeout_s, float(timeout_s), self.table)
         if request.seed is None and noise is None:
             request = request.with_seed(secrets.randbelow(2**31))
-        noise = noise or SeededNoise(request.seed, self.device)
+        if not noise:
+            assert request.seed is not None  # set just above whenever no noise source is given
+            noise = SeededNoise(request.seed, self.device)
         timings: dict[str, float] = {}
         passes = INTERPOLATION_PASSES[request.fps]
         bar = _Progress(request_total_steps(request), progress)
@@ -474,7 +477,7 @@ class KandinskyVideoPipeline:
         return interleave(frames, new_frames)
 
     @torch.inference_mode()
-    def decode_video(self, latents: torch.Tensor) -> np.ndarray:
+    def decode_video(self, latents: torch.Tensor) -> npt.NDArray[np.uint8]:
         """Video MoVQ decode in the official chunks (``chunk(T // 4)``) -> uint8 [T, H, W, 3]."""
         out = []
         start = 0

@@ -12,23 +12,27 @@ bit for bit and against the golden tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+from kvt.contract.request import GenerationRequest
+
+if TYPE_CHECKING:
+    # By its module: the package top level shows mypy diffusers' torch-less placeholder class.
+    from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
 NUM_TRAIN_TIMESTEPS = 1000
 
 # Loop A (key frame image) and loop B (base frames): epsilon, 'leading', 50 steps (980 ... 0).
-KEY_FRAME_STEPS = 50
-BASE_FRAME_STEPS = 50
 # Loop C (interpolation): v-prediction, 'trailing', 10 steps (999 ... 99).
-INTERPOLATION_STEPS = 10
 
 
-def make_scheduler(prediction_type: str, timestep_spacing: str, num_inference_steps: int):
+def make_scheduler(prediction_type: str, timestep_spacing: str, num_inference_steps: int) -> DDPMScheduler:
     """A diffusers DDPMScheduler with the official settings (``get_sampler`` of the release)."""
-    from diffusers import DDPMScheduler
+    from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
-    scheduler = DDPMScheduler(
+    scheduler: DDPMScheduler = DDPMScheduler(  # an untyped decorator on __init__ hides the type from mypy
         num_train_timesteps=NUM_TRAIN_TIMESTEPS,
         beta_schedule="squaredcos_cap_v2",
         rescale_betas_zero_snr=True,
@@ -63,8 +67,8 @@ class Sampler:
         self.scheduler = make_scheduler(prediction_type, timestep_spacing, num_inference_steps)
         config = self.scheduler.config
         # Dynamic thresholding with sample_max_value 1 clamps the per-sample quantile s into [1, 1],
-        # so it is exactly clamp(x0, -1, 1) (spec sampling.md, step 2).
-        if not (config.thresholding and config.sample_max_value == 1.0):
+        # so it is exactly clamp(x0, -1, 1) (docs/spec/sampling.md, step 2).
+        if not (config["thresholding"] and config["sample_max_value"] == 1.0):
             raise ValueError("the sampler expects thresholding with sample_max_value 1.0")
         self.prediction_type = prediction_type
         self.timesteps: list[int] = [int(t) for t in self.scheduler.timesteps]
@@ -117,16 +121,17 @@ class Sampler:
 
     def add_noise(self, original: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
         """Forward diffusion to timestep ``t`` (the key frame's noise augmentation), via diffusers."""
-        return self.scheduler.add_noise(original, noise, torch.tensor([t]))
+        # diffusers annotates the timesteps as IntTensor; the int64 tensor it gets here is what it indexes with
+        return self.scheduler.add_noise(original, noise, torch.tensor([t]))  # type: ignore[arg-type]
 
 
-def key_frame_sampler(steps: int = KEY_FRAME_STEPS) -> Sampler:
+def key_frame_sampler(steps: int = GenerationRequest.key_frame_steps) -> Sampler:
     return Sampler("epsilon", "leading", steps)
 
 
-def base_frame_sampler(steps: int = BASE_FRAME_STEPS) -> Sampler:
+def base_frame_sampler(steps: int = GenerationRequest.base_frame_steps) -> Sampler:
     return Sampler("epsilon", "leading", steps)
 
 
-def interpolation_sampler(steps: int = INTERPOLATION_STEPS) -> Sampler:
+def interpolation_sampler(steps: int = GenerationRequest.interpolation_steps) -> Sampler:
     return Sampler("v_prediction", "trailing", steps)

@@ -7,12 +7,13 @@ interrupted or failed write never leaves a partial file under the requested name
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from kvt.contract.errors import UserError
+from kvt.contract.files import atomic_path
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
 # The official README saves GIFs with duration 5500 / T ms per frame: clips last about 5.5 s.
@@ -45,7 +46,7 @@ def check_output_path(path: str | Path) -> Path:
     return path
 
 
-def save_video(frames: np.ndarray, path: str | Path, fps: float | None = None) -> Path:
+def save_video(frames: npt.NDArray[np.uint8], path: str | Path, fps: float | None = None) -> Path:
     """Write uint8 frames [T, H, W, 3] to ``path`` (.mp4 or .gif) at ``fps`` (default: T / 5.5)."""
     import imageio
 
@@ -55,15 +56,10 @@ def save_video(frames: np.ndarray, path: str | Path, fps: float | None = None) -
     fps = float(fps) if fps is not None else default_playback_fps(len(frames))
     if not fps > 0:
         raise ValueError(f"fps must be positive, got {fps}")
-    tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
-    try:
+    with atomic_path(path) as tmp:
         if path.suffix.lower() == ".mp4":
             imageio.mimwrite(tmp, list(frames), fps=fps, format="FFMPEG", codec="libx264",
                              quality=8, pixelformat="yuv420p", macro_block_size=16)
         else:
             imageio.mimwrite(tmp, list(frames), format="GIF", duration=1000.0 / fps, loop=0)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path

@@ -110,6 +110,7 @@ class TritonServer:
 
     def _backends(self, bundled: BundledTriton) -> Path:
         """A private backend folder: the bundled python backend plus the stub of this Python."""
+        assert self._workdir is not None  # set by start() before it calls this
         folder = self._workdir / "backends" / "python"
         folder.mkdir(parents=True)
         for item in bundled.python_backend.iterdir():
@@ -162,15 +163,17 @@ class TritonServer:
             return False
 
     def _wait_ready(self) -> None:
+        process = self.process
+        assert process is not None  # set by start() before it calls this
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServerError(f"tritonserver exited with code {self.process.returncode} before it was "
+            if process.poll() is not None:
+                raise ServerError(f"tritonserver exited with code {process.returncode} before it was "
                                   f"ready; log {self.log_path}:\n{self.log_tail()}")
             if self._ready():
                 time.sleep(0.2)
                 # A stale server on the same port also answers: ours must still be alive.
-                if self.process.poll() is not None:
+                if process.poll() is not None:
                     raise ServerError(f"tritonserver exited right after the ready check; log:\n{self.log_tail()}")
                 return
             time.sleep(0.25)

@@ -16,56 +16,64 @@ from typing import Any
 
 import numpy as np
 
+from kvt.contract.dtypes import DType
 from kvt.contract.request import GenerationRequest, InvalidRequestError
 
 
 @dataclass(frozen=True)
 class Field:
-    """One request input: its Triton name, the GenerationRequest field and the wire dtype."""
+    """One request input: its Triton name, the GenerationRequest field and its element type."""
 
     name: str
     attribute: str
-    triton_type: str  # config.pbtxt data_type
-    wire_type: str  # tritonclient datatype string
-    numpy: Any
+    dtype: DType
+
+    @property
+    def triton_type(self) -> str:  # config.pbtxt data_type
+        return self.dtype.triton
+
+    @property
+    def wire_type(self) -> str:  # tritonclient datatype string
+        return self.dtype.wire
+
+    @property
+    def numpy(self) -> Any:
+        return self.dtype.numpy.type
 
 
-def _scalar(name: str, attribute: str, triton_type: str) -> Field:
-    wire, dtype = {"TYPE_STRING": ("BYTES", np.object_), "TYPE_INT32": ("INT32", np.int32),
-                   "TYPE_INT64": ("INT64", np.int64), "TYPE_FP64": ("FP64", np.float64)}[triton_type]
-    return Field(name, attribute, triton_type, wire, dtype)
+_scalar = Field
 
 
 SCALAR_FIELDS: tuple[Field, ...] = (
-    _scalar("PROMPT", "prompt", "TYPE_STRING"),
-    _scalar("WIDTH", "width", "TYPE_INT32"),
-    _scalar("HEIGHT", "height", "TYPE_INT32"),
-    _scalar("FPS", "fps", "TYPE_STRING"),
-    _scalar("MOTION", "motion", "TYPE_STRING"),
-    _scalar("KEY_FRAME_GUIDANCE_SCALE", "key_frame_guidance_scale", "TYPE_FP64"),
-    _scalar("GUIDANCE_WEIGHT_PROMPT", "guidance_weight_prompt", "TYPE_FP64"),
-    _scalar("GUIDANCE_WEIGHT_IMAGE", "guidance_weight_image", "TYPE_FP64"),
-    _scalar("INTERPOLATION_GUIDANCE_SCALE", "interpolation_guidance_scale", "TYPE_FP64"),
-    _scalar("NOISE_AUGMENTATION", "noise_augmentation", "TYPE_INT32"),
-    _scalar("SEED", "seed", "TYPE_INT64"),
-    _scalar("KEY_FRAME_STEPS", "key_frame_steps", "TYPE_INT32"),
-    _scalar("BASE_FRAME_STEPS", "base_frame_steps", "TYPE_INT32"),
-    _scalar("INTERPOLATION_STEPS", "interpolation_steps", "TYPE_INT32"),
+    _scalar("PROMPT", "prompt", DType.STRING),
+    _scalar("WIDTH", "width", DType.INT32),
+    _scalar("HEIGHT", "height", DType.INT32),
+    _scalar("FPS", "fps", DType.STRING),
+    _scalar("MOTION", "motion", DType.STRING),
+    _scalar("KEY_FRAME_GUIDANCE_SCALE", "key_frame_guidance_scale", DType.FP64),
+    _scalar("GUIDANCE_WEIGHT_PROMPT", "guidance_weight_prompt", DType.FP64),
+    _scalar("GUIDANCE_WEIGHT_IMAGE", "guidance_weight_image", DType.FP64),
+    _scalar("INTERPOLATION_GUIDANCE_SCALE", "interpolation_guidance_scale", DType.FP64),
+    _scalar("NOISE_AUGMENTATION", "noise_augmentation", DType.INT32),
+    _scalar("SEED", "seed", DType.INT64),
+    _scalar("KEY_FRAME_STEPS", "key_frame_steps", DType.INT32),
+    _scalar("BASE_FRAME_STEPS", "base_frame_steps", DType.INT32),
+    _scalar("INTERPOLATION_STEPS", "interpolation_steps", DType.INT32),
 )
 IMAGE = "IMAGE"  # uint8 RGB [H, W, 3], optional: image-to-video
 
 # Outputs: (name, config data_type, dims).
 RESULT_OUTPUTS = (
-    ("FRAMES", "TYPE_UINT8", [-1, -1, -1, 3]),  # [T, H, W, 3]
-    ("SEED", "TYPE_INT64", [1]),
-    ("PROMPT_TOKENS", "TYPE_INT32", [1]),
-    ("PROMPT_TRUNCATED", "TYPE_BOOL", [1]),
-    ("TIMINGS", "TYPE_STRING", [1]),  # JSON: seconds per part of the request
+    ("FRAMES", DType.UINT8, [-1, -1, -1, 3]),  # [T, H, W, 3]
+    ("SEED", DType.INT64, [1]),
+    ("PROMPT_TOKENS", DType.INT32, [1]),
+    ("PROMPT_TRUNCATED", DType.BOOL, [1]),
+    ("TIMINGS", DType.STRING, [1]),  # JSON: seconds per part of the request
 )
 PROGRESS_OUTPUTS = (  # streamed by kandinsky_video_stream after every sampler step
-    ("STAGE", "TYPE_STRING", [1]),
-    ("STEP", "TYPE_INT32", [1]),
-    ("NUM_STEPS", "TYPE_INT32", [1]),
+    ("STAGE", DType.STRING, [1]),
+    ("STEP", DType.INT32, [1]),
+    ("NUM_STEPS", DType.INT32, [1]),
 )
 
 

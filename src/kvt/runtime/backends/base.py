@@ -41,7 +41,7 @@ class StageBackend(ABC):
     def _run(self, stage: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Backend-specific execution; inputs already validated."""
 
-    def loop_scope(self, stage: str) -> AbstractContextManager:
+    def loop_scope(self, stage: str) -> AbstractContextManager[None]:
         """Entered around one sampler loop over ``stage``: every call of the loop gets the same text
         inputs, which a backend may exploit (the fast torch path hoists text-only work). Default:
         nothing."""
@@ -53,5 +53,25 @@ class StageBackend(ABC):
     def __enter__(self) -> StageBackend:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class DelegatingBackend(StageBackend):
+    """A wrapper around ``inner`` (timing, recording, fault injection): forwards every hook of the
+    interface (``run``, ``loop_scope``, ``close``), so a wrapper never silently drops a backend's loop
+    optimisations. Subclasses override :meth:`_run` and call ``self.inner.run`` inside it."""
+
+    def __init__(self, inner: StageBackend, validate: bool = False) -> None:
+        super().__init__(inner.table, inner.device, validate)
+        self.inner = inner
+        self.name = f"{type(self).__name__}({inner.name})"
+
+    def _run(self, stage: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.inner.run(stage, inputs)
+
+    def loop_scope(self, stage: str) -> AbstractContextManager[None]:
+        return self.inner.loop_scope(stage)
+
+    def close(self) -> None:
+        self.inner.close()

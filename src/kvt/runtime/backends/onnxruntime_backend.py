@@ -37,20 +37,11 @@ log = logging.getLogger(__name__)
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
-# ONNX Runtime's type strings (``NodeArg.type``) for the contract dtypes.
-_ORT_TYPES = {
-    DType.FP32: "tensor(float)", DType.FP16: "tensor(float16)", DType.BF16: "tensor(bfloat16)",
-    DType.INT32: "tensor(int32)", DType.INT64: "tensor(int64)", DType.BOOL: "tensor(bool)",
-}
-_NUMPY_OF_TORCH = {torch.float32: np.float32, torch.float16: np.float16, torch.int32: np.int32,
-                   torch.int64: np.int64, torch.bool: np.bool_}
-
-
 class ProviderError(UserError):
     """A requested ONNX Runtime execution provider is not available or was not honoured."""
 
 
-def import_onnxruntime():
+def import_onnxruntime() -> Any:
     """``onnxruntime``, or an error that says which package to install (never both side by side)."""
     try:
         import onnxruntime
@@ -138,7 +129,7 @@ def _share_torch_stream(requested: list[Any], device: torch.device) -> list[Any]
     return [(CUDA, options), *requested[1:]]
 
 
-def _default_session_options():
+def _default_session_options() -> Any:
     """Intra-op threads follow torch's setting, so one process has one thread policy (ORT's own
     default is every physical core, which stalls on a shared machine)."""
     ort = import_onnxruntime()
@@ -250,7 +241,7 @@ class OnnxRuntimeBackend(StageBackend):
     def stages(self) -> tuple[str, ...]:
         return tuple(self._sessions)
 
-    def _session(self, stage: str):
+    def _session(self, stage: str) -> Any:
         try:
             return self._sessions[stage]
         except KeyError:
@@ -271,7 +262,7 @@ class OnnxRuntimeBackend(StageBackend):
             outputs = {name: value.to(self.device) for name, value in outputs.items()}
         return outputs
 
-    def _run_bound(self, session, spec: StageSpec, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _run_bound(self, session: Any, spec: StageSpec, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """IOBinding on torch memory: inputs by ``data_ptr``, outputs allocated by torch with the
         contract's shapes (so a wrong graph shape is a clear error, not a reallocation)."""
         device = self.device
@@ -279,16 +270,16 @@ class OnnxRuntimeBackend(StageBackend):
         index = (device.index or 0) if kind == "cuda" else 0
         dims = spec.bind_dims(inputs)
         binding = session.io_binding()
-        keep = []  # contiguous copies must outlive the run
+        keep: list[torch.Tensor] = []  # contiguous copies must outlive the run
         for tensor_spec in spec.inputs:
             tensor = inputs[tensor_spec.name].to(device).contiguous()
             keep.append(tensor)
-            binding.bind_input(tensor_spec.name, kind, index, _NUMPY_OF_TORCH[tensor.dtype],
+            binding.bind_input(tensor_spec.name, kind, index, DType.of_torch(tensor.dtype).numpy.type,
                                tuple(tensor.shape), tensor.data_ptr())
-        outputs = {}
+        outputs: dict[str, torch.Tensor] = {}
         for tensor_spec in spec.outputs:
             out = torch.empty(tensor_spec.concrete_shape(dims), dtype=tensor_spec.dtype.torch, device=device)
-            binding.bind_output(tensor_spec.name, kind, index, _NUMPY_OF_TORCH[out.dtype],
+            binding.bind_output(tensor_spec.name, kind, index, DType.of_torch(out.dtype).numpy.type,
                                 tuple(out.shape), out.data_ptr())
             outputs[tensor_spec.name] = out
         if kind == "cuda":
@@ -307,7 +298,7 @@ class OnnxRuntimeBackend(StageBackend):
         return f"OnnxRuntimeBackend({str(self.export_dir)!r}, providers={self.providers})"
 
 
-def _check_io(session, spec: StageSpec, entry: StageEntry, path: Path) -> None:
+def _check_io(session: Any, spec: StageSpec, entry: StageEntry, path: Path) -> None:
     """The session's inputs and outputs equal the manifest entry's and the stage table's: names in
     order, dtypes, ranks and static sizes."""
     for kind, graph, recorded, contract in (
@@ -332,10 +323,10 @@ def _check_io(session, spec: StageSpec, entry: StageEntry, path: Path) -> None:
                 raise ExportManifestError(
                     f"{path}: manifest records {kind[:-1]} {tensor.name!r} as {record.dtype} "
                     f"{list(record.shape)}, the stage table says {tensor.dtype.value} {list(tensor.shape)}")
-            if arg.type != _ORT_TYPES[tensor.dtype]:
+            if arg.type != tensor.dtype.ort:
                 raise ExportManifestError(
                     f"{path}: {kind[:-1]} {tensor.name!r} is {arg.type} in the ONNX graph, the contract "
-                    f"says {tensor.dtype.value} ({_ORT_TYPES[tensor.dtype]})")
+                    f"says {tensor.dtype.value} ({tensor.dtype.ort})")
             shape = arg.shape
             if len(shape) != len(tensor.shape):
                 raise ExportManifestError(

@@ -9,10 +9,11 @@ dynamic batching, so concurrent requests share one engine call; the others keep 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvt.contract.dtypes import DType
 from kvt.contract.stages import StageSpec, StageTable
 from kvt.formats.triton_repo import (
     ONNXRUNTIME,
@@ -85,7 +86,11 @@ def _warmup(spec: StageSpec, batched: bool) -> list:
         value = ("random_data", True) if t.dtype.triton in ("TYPE_FP32", "TYPE_FP16") else ("zero_data", True)
         inputs.append(("inputs", [("key", t.name), ("value", [
             ("data_type", Enum(t.dtype.triton)), ("dims", shape), value])]))
-    batch = dims[batch_dim(spec)] if batched else 0
+    batch = 0
+    if batched:
+        name = batch_dim(spec)
+        assert name is not None  # a batched stage has a batch dim (max_batch_size > 0)
+        batch = dims[name]
     return [("name", f"{spec.name}_opt"), ("batch_size", batch), *inputs]
 
 
@@ -105,7 +110,7 @@ def plan_max_batch(spec: StageSpec, profiles) -> int:
     return min(max_batch_size(spec), plan_max)
 
 
-def _parameters(values: dict[str, str]) -> list:
+def _parameters(values: Mapping[str, object]) -> list[tuple[str, Any]]:
     return [("parameters", [("key", k), ("value", [("string_value", str(v))])]) for k, v in values.items()]
 
 
@@ -186,12 +191,12 @@ def orchestrator_config(name: str, options: RepositoryOptions, stream: bool) -> 
     """The BLS model that runs a whole generation (``stream``: decoupled, per-step progress)."""
     inputs = [("input", [("name", f.name), ("data_type", Enum(f.triton_type)), ("dims", [1]),
                          ("optional", True)]) for f in protocol.SCALAR_FIELDS]
-    inputs.append(("input", [("name", protocol.IMAGE), ("data_type", Enum("TYPE_UINT8")),
+    inputs.append(("input", [("name", protocol.IMAGE), ("data_type", Enum(DType.UINT8.triton)),
                              ("dims", [-1, -1, 3]), ("optional", True)]))
     outputs = protocol.RESULT_OUTPUTS + (protocol.PROGRESS_OUTPUTS if stream else ())
     config: list[tuple[str, Any]] = [
         ("name", name), ("backend", "python"), ("max_batch_size", 0), *inputs,
-        *[("output", [("name", n), ("data_type", Enum(t)), ("dims", d)]) for n, t, d in outputs],
+        *[("output", [("name", n), ("data_type", Enum(t.triton)), ("dims", d)]) for n, t, d in outputs],
         ("instance_group", _instance_group(name, options, options.device() == "cuda")),
     ]
     if stream:

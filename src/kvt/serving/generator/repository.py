@@ -37,6 +37,7 @@ from kvt.formats.triton_repo import (
     TOKENIZER_MODEL,
     VERSION,
     RepositoryError,
+    unsqueezed_inputs,
 )
 from kvt.serving.generator import configs
 from kvt.serving.generator.configs import RepositoryOptions
@@ -106,10 +107,11 @@ def build_repository(out: str | Path, onnx_dir: str | Path | None = None, engine
         raise RepositoryError(f"--backend {options.backend!r}: allowed: {', '.join(BACKENDS)}")
     if out.exists() and not overwrite:
         raise RepositoryError(f"--out {out} already exists (pass --overwrite to replace it)")
+    engines_path: Path | None = None  # set for --backend tensorrt (only)
     if options.backend == TENSORRT:
         if engines_dir is None:
             raise RepositoryError("--backend tensorrt needs --engines DIR (written by `kvt build`)")
-        engines_dir = Path(engines_dir)
+        engines_dir = engines_path = Path(engines_dir)
         try:
             engine_manifest = EngineManifest.read(engines_dir)
         except EngineManifestError as exc:
@@ -124,8 +126,8 @@ def build_repository(out: str | Path, onnx_dir: str | Path | None = None, engine
     table = manifest.stage_table()
     manifest.verify_files(onnx_dir, list(table.names) if options.backend != TENSORRT else [])
     # Plans are chosen before anything is written: a missing one fails fast.
-    plans = ({stage: _select_plans(engines_dir, stage, tensorrt_version) for stage in table.names}
-             if options.backend == TENSORRT else {})
+    plans = ({stage: _select_plans(engines_path, stage, tensorrt_version) for stage in table.names}
+             if engines_path is not None else {})  # i.e. --backend tensorrt
     # Triton's batch limit per stage: the table's, or what every chosen plan of the stage accepts.
     max_batch = {spec.name: (min(configs.plan_max_batch(spec, p.key.profiles) for p in plans[spec.name].values())
                              if plans else configs.max_batch_size(spec)) for spec in table}
@@ -137,11 +139,12 @@ def build_repository(out: str | Path, onnx_dir: str | Path | None = None, engine
             folder.mkdir(parents=True)
             plan_files = None
             if options.backend == TENSORRT:
+                assert engines_path is not None  # set above for tensorrt
                 stage_plans = plans[spec.name]
                 names = ({cc: "model.plan" for cc in stage_plans} if len(stage_plans) == 1
                          else {cc: f"model_{cc}.plan" for cc in stage_plans})
                 for cc, entry in stage_plans.items():
-                    shutil.copyfile(engines_dir / entry.plan, folder / names[cc])
+                    shutil.copyfile(engines_path / entry.plan, folder / names[cc])
                 plan_files = names
             else:
                 _copy_onnx(onnx_dir, manifest, spec.name, folder)
@@ -163,7 +166,7 @@ def build_repository(out: str | Path, onnx_dir: str | Path | None = None, engine
             folder.mkdir(parents=True)
             assets = _copy_assets(onnx_dir, manifest, folder)
             meta = {"model": manifest.model, **assets, "stage_models": {s: s for s in table.names},
-                    "unsqueezed_inputs": {s.name: configs.unsqueezed_inputs(s, max_batch[s.name]) for s in table}}
+                    "unsqueezed_inputs": {s.name: unsqueezed_inputs(s, max_batch[s.name]) for s in table}}
             (folder / PIPELINE_FILE).write_text(json.dumps(meta, indent=1) + "\n")
             (folder / "model.py").write_text(_shim(orchestrator_model))
             (tmp / name / "config.pbtxt").write_text(configs.orchestrator_config(name, options, stream))

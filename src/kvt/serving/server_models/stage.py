@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import numpy as np
 
-pb_utils = None  # triton_python_backend_utils, imported in initialize (it exists only in the stub)
+pb_utils: Any = None  # triton_python_backend_utils, imported in initialize (it exists only in the stub)
 
 
 class TritonPythonModel:

@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 
+from kvt.contract.stages import context_length
 from kvt.models.text_encoder import PromptTokenizer
 
 
@@ -38,7 +39,7 @@ class TritonPythonModel:
                     tokens = self.tokenizer(text)
                     ids.append(tokens.input_ids.reshape(-1).numpy().astype(np.int32))
                     masks.append(tokens.attention_mask.reshape(-1).numpy().astype(np.int32))
-                    lengths.append([float(min(tokens.n_tokens + 1, tokens.tokens_length))])
+                    lengths.append([float(context_length(tokens.n_tokens, tokens.tokens_length))])
                 responses.append(pb.InferenceResponse(output_tensors=[
                     pb.Tensor("input_ids", np.stack(ids)), pb.Tensor("attention_mask", np.stack(masks)),
                     pb.Tensor("context_len", np.asarray(lengths, dtype=np.float32))]))

@@ -32,8 +32,6 @@ from kvt.runtime.backends.tensorrt.trt_env import GpuInfo, import_tensorrt, requ
 
 log = logging.getLogger(__name__)
 
-# Stages called once per sampler step: their outputs are consumed at once, so buffers are reused.
-LOOP_STAGES = ("unet_t2v_image", "unet_t2v_video", "unet_interp")
 
 
 def stage_table_of(manifest: EngineManifest, where: Path) -> StageTable:
@@ -60,7 +58,7 @@ class TensorRTBackend(StageBackend):
         validate: bool = True,
         *,
         cuda_graphs: bool = False,
-        reuse_outputs: tuple[str, ...] = LOOP_STAGES,
+        reuse_outputs: tuple[str, ...] | None = None,
         trt: ModuleType | None = None,
         gpu: GpuInfo | None = None,
     ) -> None:
@@ -92,7 +90,7 @@ class TensorRTBackend(StageBackend):
         self.tensorrt_version = version
         self.cuda_graphs = cuda_graphs
         self.arena = ActivationArena(self.device)
-        self._stream = torch.cuda.Stream(self.device)
+        self._stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]  # unannotated in torch
         self._engines: dict[str, Engine] = {}
         self._closed = False
         try:
@@ -100,7 +98,7 @@ class TensorRTBackend(StageBackend):
                 for name, entry in entries.items():
                     plan = cache.read_plan(entry)
                     self._engines[name] = Engine(plan, table[name], self.device, arena=self.arena,
-                                                 reuse_outputs=name in reuse_outputs,
+                                                 reuse_outputs=name in (table.loop_stages if reuse_outputs is None else reuse_outputs),
                                                  cuda_graphs=cuda_graphs, trt=trt,
                                                  name=f"{self.engine_dir / entry.plan}")
                     log.info("tensorrt stage %s: %s (%d bytes)", name, entry.plan, entry.bytes)

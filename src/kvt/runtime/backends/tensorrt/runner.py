@@ -37,6 +37,8 @@ from kvt.runtime.backends.tensorrt.trt_env import import_tensorrt, make_logger
 log = logging.getLogger(__name__)
 
 ShapeKey = tuple[tuple[str, tuple[int, ...]], ...]
+# (min, opt, max) shape of one input in one optimisation profile
+ProfileRange = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
 
 class EngineError(KvtError, RuntimeError):
@@ -93,7 +95,7 @@ class TensorInfo:
     dtype: torch.dtype
 
 
-def choose_profile(ranges: Sequence[Mapping[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]],
+def choose_profile(ranges: Sequence[Mapping[str, ProfileRange]],
                    shapes: Mapping[str, tuple[int, ...]]) -> int | None:
     """Index of the profile whose (min, opt, max) per input contain ``shapes``, nearest opt first."""
     best: tuple[int, int] | None = None
@@ -165,11 +167,11 @@ class Engine:
                 raise EngineError(f"{self.name}: tensor {tensor.name!r} is {got} in the plan, the contract "
                                   f"says {tensor.dtype.value}")
 
-    def _read_profiles(self) -> list[dict[str, tuple[tuple[int, ...], ...]]]:
+    def _read_profiles(self) -> list[dict[str, ProfileRange]]:
         engine = self.engine
-        ranges = []
+        ranges: list[dict[str, ProfileRange]] = []
         for index in range(engine.num_optimization_profiles):
-            profile = {}
+            profile: dict[str, ProfileRange] = {}
             for tensor in self.spec.inputs:
                 if all(isinstance(e, int) for e in tensor.shape):
                     continue
@@ -246,24 +248,23 @@ class Engine:
         A CPU ``device`` is accepted only so that unit tests can drive a fake of the library (stream 0).
         """
         on_cuda = self.device.type == "cuda"
-        if on_cuda:
-            stream = stream or torch.cuda.current_stream(self.device)
-        handle = stream.cuda_stream if on_cuda else 0
+        run_stream = (stream or torch.cuda.current_stream(self.device)) if on_cuda else None  # None iff not on_cuda
+        handle = run_stream.cuda_stream if run_stream is not None else 0
         feeds = self._prepare_inputs(inputs)
         key: ShapeKey = tuple((name, tuple(t.shape)) for name, t in feeds.items())
         binding = self._binding(key, feeds)
         context = self._context(binding.profile, handle, key)
-        if on_cuda and self.cuda_graphs and not binding.graph_failed and binding.calls >= 1:
-            self._run_graph(context, feeds, binding, stream)
+        if run_stream is not None and self.cuda_graphs and not binding.graph_failed and binding.calls >= 1:
+            self._run_graph(context, feeds, binding, run_stream)
         else:
             self._set_shapes(context, feeds, binding)
             self._bind(context, feeds, binding.outputs)
             if not context.execute_async_v3(handle):
                 raise EngineError(f"{self.name}: execute_async_v3 failed for shapes {dict(key)}")
         binding.calls += 1
-        if on_cuda:
+        if run_stream is not None:
             for tensor in feeds.values():
-                tensor.record_stream(stream)  # the caller may free inputs before the stream has read them
+                tensor.record_stream(run_stream)  # the caller may free inputs before the stream has read them
         return dict(binding.outputs)
 
     def _run_graph(self, context: Any, feeds: Mapping[str, torch.Tensor], binding: _Binding,
@@ -277,7 +278,7 @@ class Engine:
             self._bind(context, binding.static_inputs, binding.outputs)
             try:
                 graph = torch.cuda.CUDAGraph()
-                capture = torch.cuda.Stream(self.device)
+                capture = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]  # unannotated in torch
                 capture.wait_stream(stream)
                 with torch.cuda.graph(graph, stream=capture):
                     context.execute_async_v3(capture.cuda_stream)

@@ -42,7 +42,8 @@ def import_tensorrt() -> ModuleType:
         raise TensorRTUnavailable(
             f"`import tensorrt` found only API stubs or an empty package at {where} (e.g. the "
             f"tensorrt-stubs package), not the TensorRT library; {INSTALL_HINT}")
-    return trt
+    module: ModuleType = trt  # Any to mypy where tensorrt is not installed
+    return module
 
 
 def tensorrt_version(trt: ModuleType) -> str:
@@ -66,7 +67,8 @@ def require_gpu(index: int = 0) -> GpuInfo:
     import torch
 
     if not torch.cuda.is_available():
-        reason = ("torch was built without CUDA" if not torch.backends.cuda.is_built()
+        built = torch.backends.cuda.is_built()  # type: ignore[no-untyped-call]  # unannotated in torch
+        reason = ("torch was built without CUDA" if not built
                   else "no CUDA GPU is visible (driver missing, or CUDA_VISIBLE_DEVICES hides it)")
         raise TensorRTUnavailable(
             f"TensorRT needs an NVIDIA GPU: {reason} (torch {torch.__version__}); run on a GPU machine, "
@@ -81,7 +83,10 @@ def require_gpu(index: int = 0) -> GpuInfo:
 def make_logger(trt: ModuleType, verbose: bool = False) -> Any:
     """A TensorRT logger that forwards to ``logging`` and remembers errors for exception messages."""
 
-    class _Logger(trt.ILogger):
+    # A class of a module passed in at run time: mypy cannot take it as a base class by name.
+    logger_base: Any = trt.ILogger
+
+    class _Logger(logger_base):
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
             self.errors: list[str] = []

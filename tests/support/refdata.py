@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-_DEFAULT = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+_DEFAULT = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
 
 
 def reference_dir() -> Path:

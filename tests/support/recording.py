@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +19,8 @@ class RecordedCall:
 
 
 class RecordingBackend(StageBackend):
-    """Delegates to ``inner``; keeps copies of the inputs named in ``keep`` (stage -> names)."""
+    """Delegates to ``inner`` (runs, sampler-loop scopes and close); keeps copies of the inputs named in
+    ``keep`` (stage -> names)."""
 
     name = "recording"
 
@@ -33,6 +35,12 @@ class RecordingBackend(StageBackend):
         kept = {name: inputs[name].detach().clone() for name in self.keep.get(stage, ())}
         self.calls.append(RecordedCall(stage, dims, kept))
         return self.inner.run(stage, inputs)
+
+    def loop_scope(self, stage: str) -> AbstractContextManager:
+        return self.inner.loop_scope(stage)
+
+    def close(self) -> None:
+        self.inner.close()
 
     def counts(self) -> dict[tuple[str, tuple], int]:
         out: dict[tuple[str, tuple], int] = {}
