@@ -21,7 +21,7 @@ from kvt.runtime.images import load_image
 from kvt.runtime.loading import PipelineSource
 from kvt.runtime.pipeline import KandinskyVideoPipeline
 from kvt.runtime.video_io import check_output_path
-from kvt.serving.client import generate_via_triton
+from kvt.serving.client import PROTOCOLS, TritonVideoClient, generate_via_triton
 
 _D = GenerationRequest  # the defaults' only home
 
@@ -49,10 +49,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engines", metavar="DIR", help="engine directory of `kvt build` (with --backend tensorrt)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="capture the fixed-shape U-Net calls as CUDA graphs (with --backend tensorrt)")
-    p.add_argument("--triton", metavar="HOST:PORT",
-                   help="run the request on a Triton server (model kandinsky_video; `kvt triton-repo`)")
-    p.add_argument("--protocol", choices=("http", "grpc"),
-                   help="with --triton: http (default) or grpc (streams per-step progress)")
+    p.add_argument("--triton", metavar="URL",
+                   help="run the request on a Triton server: HOST:PORT, grpc://HOST:PORT or http://HOST:PORT "
+                        "(model kandinsky_video of `kvt triton-repo`); size, fps and ranges come from the server")
+    p.add_argument("--protocol", choices=PROTOCOLS,
+                   help="with --triton HOST:PORT: grpc (default: progress streamed, Ctrl-C cancels the "
+                        "server's work) or http (cannot cancel)")
     p.add_argument("--providers", metavar="LIST",
                    help="comma-separated ONNX Runtime providers, e.g. CUDAExecutionProvider,CPUExecutionProvider "
                         "(default: CUDA then CPU where onnxruntime-gpu is installed, else CPU)")
@@ -130,14 +132,20 @@ def _request_from_args(args: argparse.Namespace, image: object, width: int | Non
 
 
 def _generate_on_triton(args: argparse.Namespace, out: Path) -> int:
-    """Validate what can be validated here (the server checks sizes against its own ranges), send."""
+    """Ask the server what it serves (default size, size range, fps modes), validate against that,
+    send."""
     image = load_image(args.image) if args.image else None
-    request = _request_from_args(args, image, args.width, args.height)
-    # Everything but the size range, which only the server's export knows: checked with the widest one.
-    probe = request.__class__(**{**request.__dict__, "width": args.width or 64, "height": args.height or 64})
-    validate_request(probe, ResolutionRange(64, 64, 1024))
-    path = generate_via_triton(args.triton, args.protocol or "http", request, out, progress=not args.no_progress,
-                               report=lambda message, end="\n": say("triton", message, end))
+    with TritonVideoClient(args.triton, args.protocol) as client:
+        client.require_ready()
+        info = client.server_info()
+        width, height = args.width or info.default_width, args.height or info.default_height
+        request = _request_from_args(args, image, width, height)
+        validate_request(request, ResolutionRange(info.resolution[0], info.default_width, info.resolution[1]))
+        if request.fps not in info.fps_modes:
+            raise UsageError(f"--fps {request.fps}: the server serves fps {', '.join(info.fps_modes)} "
+                             f"({info.served})")
+        path = generate_via_triton(client, request, out, progress=not args.no_progress,
+                                   report=lambda message, end="\n": say("triton", message, end))
     print(path)
     return EXIT_OK
 

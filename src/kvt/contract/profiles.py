@@ -125,7 +125,7 @@ def request_profiles(
     """
     if not resolutions:
         raise ProfileError("at least one resolution is needed for request profiles")
-    fps_modes = parse_fps_modes(fps_modes) or ("low",)
+    fps_modes = parse_fps_modes(fps_modes) or tuple(FPS_FRAMES)  # no --fps: every mode
     check_resolutions(table, resolutions)
     wanted = set(table.names if stages is None else stages)
     # stage -> table profile index -> dim -> Counter(value -> calls); and the same for the primary size
@@ -215,3 +215,85 @@ def profile_key(profiles: Sequence[Profile]) -> tuple[tuple[tuple[str, int, int,
 def describe_profiles(profiles: Sequence[Profile]) -> str:
     return "; ".join(", ".join(f"{name} {d.min}/{d.opt}/{d.max}" for name, d in profile.items())
                      for profile in profiles)
+
+
+def profiles_from_key(key_profiles: Sequence[Sequence[Sequence[str | int]]]) -> tuple[dict[str, Dim], ...]:
+    """Profiles from their recorded form (``BuildKey.profiles``: per profile (dim, min, opt, max))."""
+    return tuple({str(name): Dim(int(low), int(opt), int(high)) for name, low, opt, high in profile}
+                 for profile in key_profiles)
+
+
+def profiles_to_data(profiles: Sequence[Profile]) -> list[dict[str, list[int]]]:
+    """Profiles as JSON-able data: per profile, dim -> [min, opt, max, multiple_of]."""
+    return [{name: [d.min, d.opt, d.max, d.multiple_of] for name, d in profile.items()} for profile in profiles]
+
+
+def profiles_from_data(data: Sequence[Mapping[str, Sequence[int]]]) -> tuple[dict[str, Dim], ...]:
+    return tuple({name: Dim(*(int(v) for v in values)) for name, values in profile.items()} for profile in data)
+
+
+# ---------------------------------------------------------------------------------------- coverage
+# What a deployment serves is decided by its profiles (a plan cannot run a shape outside them), not by
+# the export's stage table. A request is served when every stage call it makes fits some profile of
+# its stage; requests that would fail there are refused before any stage runs.
+
+ServedProfiles = Mapping[str, Sequence[Sequence[Profile]]]  # stage -> per plan (e.g. per GPU arch) profiles
+
+
+def call_fits(plans: Sequence[Sequence[Profile]], dims: Mapping[str, int]) -> bool:
+    """Whether every plan of a stage has a profile containing ``dims``."""
+    return bool(plans) and all(
+        any(all(profile[name].min <= value <= profile[name].max for name, value in dims.items()
+                if name in profile) for profile in profiles)
+        for profiles in plans)
+
+
+def unserved_calls(served: ServedProfiles, width: int, height: int, fps: str, with_image: bool) -> list[str]:
+    """The stage calls of this request that no plan serves (empty: the request is served)."""
+    out = []
+    for call in request_plan(width, height, fps, with_image, 1, 1, 1):
+        if not call_fits(served.get(call.stage, ()), call.dims):
+            out.append(f"{call.stage} {dict(call.dims)}")
+    return out
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """The requests a deployment serves: (width, height) per (fps mode, with an image)."""
+
+    sizes: Mapping[tuple[str, bool], tuple[tuple[int, int], ...]]
+
+    def fps_modes(self, with_image: bool) -> list[str]:
+        return [fps for fps in FPS_FRAMES if self.sizes.get((fps, with_image))]
+
+    def describe(self, with_image: bool, fps: str | None = None) -> str:
+        """What is served, in words (for errors naming what a request may ask)."""
+        modes = [fps] if fps is not None else self.fps_modes(with_image)
+        parts = []
+        for mode in modes:
+            sizes = self.sizes.get((mode, with_image), ())
+            if sizes:
+                parts.append(f"fps {mode}: {_sizes_text(sizes)}")
+        kind = "image-to-video" if with_image else "text-to-video"
+        return f"{kind} " + ("; ".join(parts) if parts else "nothing")
+
+
+def _sizes_text(sizes: Sequence[tuple[int, int]]) -> str:
+    if len(sizes) <= 6:
+        return ", ".join(f"{w}x{h}" for w, h in sizes)
+    widths = sorted({w for w, _ in sizes})
+    heights = sorted({h for _, h in sizes})
+    return (f"{len(sizes)} sizes, widths {widths[0]}..{widths[-1]}, heights {heights[0]}..{heights[-1]} "
+            f"(multiples of {PIXEL_MULTIPLE})")
+
+
+def coverage(table: StageTable, served: ServedProfiles) -> Coverage:
+    """Every frame size of the table's range and every fps mode, with and without an image, checked."""
+    rng = table.resolution
+    sides = range(rng.min, rng.max + 1, PIXEL_MULTIPLE)
+    sizes: dict[tuple[str, bool], tuple[tuple[int, int], ...]] = {}
+    for fps in FPS_FRAMES:
+        for with_image in (False, True):
+            sizes[(fps, with_image)] = tuple((w, h) for h in sides for w in sides
+                                             if not unserved_calls(served, w, h, fps, with_image))
+    return Coverage(sizes)

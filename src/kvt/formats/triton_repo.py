@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from kvt.contract.errors import UserError
-from kvt.contract.files import check_file_records
+from kvt.contract.files import check_file_records, file_records, read_json_file, write_json_atomic
 from kvt.contract.stages import StageSpec, parse_symbol
 
 REPOSITORY_FILE = "kvt_repository.json"
+MODEL_RECORD = "kvt_model.json"  # in a model's version folder: that model's own files (sizes, SHA-256)
 VERSION = "1"  # the model version folder of every model (Triton serves the latest)
 PIPELINE_FILE = "pipeline.json"  # the orchestrator's facts, in its version folder
 
@@ -76,3 +77,21 @@ def verify_repository(repo: str | Path, check_hashes: bool = False) -> dict[str,
         raise RepositoryError(f"{path}: not a kvt repository record ({type(exc).__name__}: {exc})") from None
     check_file_records(repo, files, REPOSITORY_FILE, check_hashes, error=RepositoryError)
     return record
+
+
+def write_model_record(folder: Path) -> Path:
+    """Record the files of one model's version folder, so the model can verify what it owns alone:
+    wherever Triton localises it (cloud storage copies each model to its own temporary folder), whatever
+    the other models of the repository became (a swapped plan, a removed unused model)."""
+    files = file_records(folder, lambda path: path.name != MODEL_RECORD)
+    return write_json_atomic(folder / MODEL_RECORD, {"format": "kvt-triton-model", "version": 1, "files": files})
+
+
+def verify_model_record(folder: str | Path, check_hashes: bool = False) -> None:
+    """Check a model's own files against its record (sizes; hashes if asked)."""
+    folder = Path(folder)
+    record = read_json_file(folder / MODEL_RECORD, RepositoryError,
+                            f"{folder / MODEL_RECORD}: missing; regenerate the repository with `kvt triton-repo`")
+    if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
+        raise RepositoryError(f"{folder / MODEL_RECORD}: not a kvt model record")
+    check_file_records(folder, record["files"], MODEL_RECORD, check_hashes, error=RepositoryError)

@@ -34,6 +34,7 @@ from PIL import Image
 
 from kvt.contract.errors import CancelledError, TimedOutError
 from kvt.contract.plan import request_total_steps, video_decode_chunks
+from kvt.contract.profiles import coverage, unserved_calls
 from kvt.contract.request import GenerationRequest, InvalidRequestError, _short, validate_request
 from kvt.contract.stages import INTERPOLATION_PASSES, LATENT_CHANNELS, NUM_BASE_FRAMES, StageTable, context_length
 from kvt.models.model_set import KandinskyVideoModels
@@ -294,6 +295,7 @@ class KandinskyVideoPipeline:
                  callback: StepCallback | None = None, noise: NoiseSource | None = None,
                  timeout_s: float | None = None) -> VideoOutput:
         validate_request(request, self.table.resolution)
+        self.check_served(request)
         if timeout_s is not None:
             if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
                 raise InvalidRequestError("timeout_s", _short(timeout_s), "a positive number of seconds")
@@ -338,6 +340,22 @@ class KandinskyVideoPipeline:
         return VideoOutput(frames=frames, latents=latents.cpu(), key_frame=key_frame, request=request,
                            prompt_tokens=text.tokens.n_tokens, prompt_truncated=text.tokens.truncated,
                            timings=timings)
+
+    def check_served(self, request: GenerationRequest) -> None:
+        """Refuse, before any stage runs, a request whose stage calls no profile of the backend fits
+        (engines built for other sizes or fps modes): the error names what is served."""
+        with_image = request.image is not None
+        served = self.backend.served_profiles()
+        if not unserved_calls(served, request.width, request.height, request.fps, with_image):
+            return
+        cover = coverage(self.table, served)
+        size = (request.width, request.height)
+        other_fps = [fps for fps in cover.fps_modes(with_image) if size in cover.sizes[(fps, with_image)]]
+        if other_fps:
+            raise InvalidRequestError("fps", request.fps, f"one of {other_fps} at {size[0]}x{size[1]}: the "
+                                      f"deployment serves {cover.describe(with_image)}")
+        raise InvalidRequestError("width x height", f"{size[0]}x{size[1]}",
+                                  f"a size the deployment was built for: {cover.describe(with_image)}")
 
     # ------------------------------------------------------------------ stages of a request
 

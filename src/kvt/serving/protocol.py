@@ -44,8 +44,9 @@ class Field:
 _scalar = Field
 
 
+PROMPT = "PROMPT"  # the one required input
 SCALAR_FIELDS: tuple[Field, ...] = (
-    _scalar("PROMPT", "prompt", DType.STRING),
+    _scalar(PROMPT, "prompt", DType.STRING),
     _scalar("WIDTH", "width", DType.INT32),
     _scalar("HEIGHT", "height", DType.INT32),
     _scalar("FPS", "fps", DType.STRING),

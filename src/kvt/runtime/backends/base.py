@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+from kvt.contract.profiles import ServedProfiles
 from kvt.contract.stages import StageTable
 
 
@@ -40,6 +41,12 @@ class StageBackend(ABC):
     @abstractmethod
     def _run(self, stage: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Backend-specific execution; inputs already validated."""
+
+    def served_profiles(self) -> ServedProfiles:
+        """Stage -> the profiles of each plan this backend runs it with. A request whose stage calls fit
+        none is refused before any stage runs. Default: the stage table's own ranges (what an export or
+        the torch networks support); engine-backed backends answer with their plans' profiles."""
+        return {spec.name: (spec.profiles,) for spec in self.table}
 
     def loop_scope(self, stage: str) -> AbstractContextManager[None]:
         """Entered around one sampler loop over ``stage``: every call of the loop gets the same text
@@ -72,6 +79,9 @@ class DelegatingBackend(StageBackend):
 
     def loop_scope(self, stage: str) -> AbstractContextManager[None]:
         return self.inner.loop_scope(stage)
+
+    def served_profiles(self) -> ServedProfiles:
+        return self.inner.served_profiles()
 
     def close(self) -> None:
         self.inner.close()

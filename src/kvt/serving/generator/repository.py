@@ -23,6 +23,8 @@ from pathlib import Path
 from types import ModuleType
 
 from kvt.contract.files import file_records, replace_dir, temporary_dir_beside
+from kvt.contract.profiles import Coverage, coverage
+from kvt.contract.stages import StageTable
 from kvt.formats.engine_dir import EngineManifest, EngineManifestError, PlanEntry
 from kvt.formats.export_dir import ExportManifest
 from kvt.formats.triton_repo import (
@@ -38,6 +40,7 @@ from kvt.formats.triton_repo import (
     VERSION,
     RepositoryError,
     unsqueezed_inputs,
+    write_model_record,
 )
 from kvt.serving.generator import configs
 from kvt.serving.generator.configs import RepositoryOptions
@@ -78,7 +81,7 @@ def _select_plans(engines_dir: Path, stage: str, tensorrt_version: str | None) -
     return plans
 
 
-def _copy_onnx(export_dir: Path, manifest: ExportManifest, stage: str, folder: Path) -> None:
+def copy_onnx(export_dir: Path, manifest: ExportManifest, stage: str, folder: Path) -> None:
     entry = manifest.stages[stage]
     shutil.copyfile(export_dir / entry.file, folder / "model.onnx")
     if entry.external_data:  # the graph names its data file relative to itself: keep the name
@@ -91,6 +94,21 @@ def _copy_assets(export_dir: Path, manifest: ExportManifest, folder: Path) -> di
     shutil.copytree(tokenizer, folder / "tokenizer")
     shutil.copyfile(nulls, folder / "null_embeddings.safetensors")
     return {"tokenizer": "tokenizer", "null_embeddings": "null_embeddings.safetensors"}
+
+
+def served_parameters(table: StageTable, cover: Coverage) -> dict[str, str]:
+    """What the orchestrator tells clients about the repository (config parameters): the default frame
+    size, the size range, the fps modes some plan serves and the served sizes in words."""
+    opt = table.resolution.opt
+    t2v = [size for fps in cover.fps_modes(False) for size in cover.sizes[(fps, False)]]
+    if not t2v:
+        raise RepositoryError("the plans serve no text-to-video request at any size and fps mode of the "
+                              "export's range; rebuild them (`kvt build`) for the sizes to serve")
+    width, height = (opt, opt) if (opt, opt) in t2v else t2v[0]
+    sides = [side for size in t2v for side in size]
+    return {"default_width": str(width), "default_height": str(height),
+            "resolution": f"{min(sides)},{max(sides)}", "fps_modes": ",".join(cover.fps_modes(False)),
+            "served": f"{cover.describe(False)}; {cover.describe(True)}"}
 
 
 def build_repository(out: str | Path, onnx_dir: str | Path | None = None, engines_dir: str | Path | None = None,
@@ -128,48 +146,51 @@ def build_repository(out: str | Path, onnx_dir: str | Path | None = None, engine
     # Plans are chosen before anything is written: a missing one fails fast.
     plans = ({stage: _select_plans(engines_path, stage, tensorrt_version) for stage in table.names}
              if engines_path is not None else {})  # i.e. --backend tensorrt
-    # Triton's batch limit per stage: the table's, or what every chosen plan of the stage accepts.
-    max_batch = {spec.name: (min(configs.plan_max_batch(spec, p.key.profiles) for p in plans[spec.name].values())
-                             if plans else configs.max_batch_size(spec)) for spec in table}
 
     tmp = temporary_dir_beside(out)
     try:
+        servings: dict[str, configs.StageServing] = {}
         for spec in table:
             folder = tmp / spec.name / VERSION
             folder.mkdir(parents=True)
             plan_files = None
             if options.backend == TENSORRT:
-                assert engines_path is not None  # set above for tensorrt
+                assert engines_dir is not None  # checked above: tensorrt needs --engines
                 stage_plans = plans[spec.name]
-                names = ({cc: "model.plan" for cc in stage_plans} if len(stage_plans) == 1
-                         else {cc: f"model_{cc}.plan" for cc in stage_plans})
+                plan_files = ({cc: "model.plan" for cc in stage_plans} if len(stage_plans) == 1
+                              else {cc: f"model_{cc}.plan" for cc in stage_plans})
                 for cc, entry in stage_plans.items():
-                    shutil.copyfile(engines_path / entry.plan, folder / names[cc])
-                plan_files = names
+                    shutil.copyfile(engines_dir / entry.plan, folder / plan_files[cc])
             else:
-                _copy_onnx(onnx_dir, manifest, spec.name, folder)
+                copy_onnx(onnx_dir, manifest, spec.name, folder)
                 if options.backend == PYTHON_ORT:
                     shutil.copyfile(str(stage_model.__file__), folder / "model.py")
-            (tmp / spec.name / "config.pbtxt").write_text(configs.stage_config(spec, options, plan_files,
-                                                                                   max_batch[spec.name]))
+            servings[spec.name] = configs.stage_serving(spec, plans.get(spec.name), plan_files)
+            (tmp / spec.name / "config.pbtxt").write_text(configs.stage_config(servings[spec.name], options))
 
         folder = tmp / TOKENIZER_MODEL / VERSION
         folder.mkdir(parents=True)
         shutil.copytree(onnx_dir / manifest.assets["tokenizer"], folder / "tokenizer")
         (folder / "model.py").write_text(_shim(tokenizer_model))
-        (tmp / TOKENIZER_MODEL / "config.pbtxt").write_text(configs.tokenizer_config(table, options))
+        text = servings["text_encoder"]
+        (tmp / TOKENIZER_MODEL / "config.pbtxt").write_text(configs.tokenizer_config(table, options, text))
         (tmp / TEXT_ENCODING_MODEL / VERSION).mkdir(parents=True)
-        (tmp / TEXT_ENCODING_MODEL / "config.pbtxt").write_text(configs.text_encoding_config(table))
+        (tmp / TEXT_ENCODING_MODEL / "config.pbtxt").write_text(configs.text_encoding_config(table, text))
 
+        cover = coverage(table, {n: v.profiles for n, v in servings.items()})
+        served = served_parameters(table, cover)
         for name, stream in ((ORCHESTRATOR_MODEL, False), (STREAM_MODEL, True)):
             folder = tmp / name / VERSION
             folder.mkdir(parents=True)
             assets = _copy_assets(onnx_dir, manifest, folder)
             meta = {"model": manifest.model, **assets, "stage_models": {s: s for s in table.names},
-                    "unsqueezed_inputs": {s.name: unsqueezed_inputs(s, max_batch[s.name]) for s in table}}
+                    "unsqueezed_inputs": {n: unsqueezed_inputs(v.spec, v.max_batch) for n, v in servings.items()},
+                    "served_profiles": {n: v.to_data() for n, v in servings.items()},
+                    "default_size": [int(served["default_width"]), int(served["default_height"])]}
             (folder / PIPELINE_FILE).write_text(json.dumps(meta, indent=1) + "\n")
             (folder / "model.py").write_text(_shim(orchestrator_model))
-            (tmp / name / "config.pbtxt").write_text(configs.orchestrator_config(name, options, stream))
+            write_model_record(folder)  # what this model owns: it verifies exactly these files on load
+            (tmp / name / "config.pbtxt").write_text(configs.orchestrator_config(name, options, stream, served))
 
         record = {"format": "kvt-triton-repository", "format_version": 1, "backend": options.backend,
                   "onnx_dir": str(onnx_dir), "engines_dir": str(engines_dir) if engines_dir else None,
@@ -177,7 +198,7 @@ def build_repository(out: str | Path, onnx_dir: str | Path | None = None, engine
                   "model": manifest.model,
                   "options": {k: v for k, v in asdict(options).items() if k != "placements"},
                   "placements": {k: asdict(v) for k, v in options.placements.items()},
-                  "max_batch_size": max_batch,
+                  "max_batch_size": {n: v.max_batch for n, v in servings.items()},
                   "plans": {s: {cc: p.plan for cc, p in by_cc.items()} for s, by_cc in plans.items()}}
         # Sizes and hashes for verify_repository; config.pbtxt files are left out (users tune them, and
         # Triton parses them strictly).

@@ -3,13 +3,16 @@ generation per request, server-side.
 
 Each instance builds :class:`KandinskyVideoPipeline` over a :class:`TritonStageBackend`, so the stage
 networks run in their own models (TensorRT, ONNX Runtime or the python ORT model) and the denoising loop
-is kvt.runtime's. The tokenizer, null embeddings and model dims are read from files the repository
-generator copied into this model's version folder; nothing a client sends is used as a path.
+is kvt.runtime's. The tokenizer, null embeddings, model dims and the profiles each stage model serves
+are read from files the repository generator wrote into this model's version folder, checked against
+that folder's own record (``kvt_model.json``); nothing a client sends is used as a path.
 
-A request is parsed (:mod:`kvt.serving.protocol`) and validated with ``validate_request`` before
-any stage work; an invalid one gets an error naming the value and what is allowed, and the instance goes
-on serving. The decoupled variant (config ``model_transaction_policy { decoupled: true }``) streams a
-progress response after every sampler step and the frames last. Prompts are never logged.
+A request is parsed (:mod:`kvt.serving.protocol`) and validated before any stage work: against the
+request limits and against the stage models' profiles (a size or fps mode no plan serves is refused,
+naming what is served). An invalid request gets INVALID_ARG, a cancelled one CANCELLED, one past its
+time limit or meeting a stage model that is not ready UNAVAILABLE; the instance goes on serving.
+The decoupled variant streams a progress response after every sampler step and the frames last.
+Prompts are never logged.
 """
 
 from __future__ import annotations
@@ -17,22 +20,32 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from kvt.contract.request import InvalidRequestError, validate_request
-from kvt.contract.stages import ModelDims, ResolutionRange, build_stage_table
-from kvt.formats.triton_repo import verify_repository
+from kvt.contract.errors import CancelledError, TimedOutError, UnavailableError, UserError
+from kvt.contract.profiles import profiles_from_data
+from kvt.contract.request import GenerationRequest, validate_request
+from kvt.contract.stages import StageTable
+from kvt.formats.triton_repo import PIPELINE_FILE, verify_model_record
 from kvt.models.text_encoder import PromptTokenizer
-from kvt.runtime.pipeline import GenerationCancelled, KandinskyVideoPipeline
+from kvt.runtime.pipeline import KandinskyVideoPipeline, StepInfo, VideoOutput
 from kvt.serving.protocol import IMAGE, SCALAR_FIELDS, arrays_to_request
-from kvt.serving.server_models.stage_backend import TritonStageBackend
+from kvt.serving.server_models.stage_backend import StageModelNotReady, TritonStageBackend
 
-PIPELINE_FILE = "pipeline.json"
+# Error kind -> Triton error code (the HTTP endpoint answers INVALID_ARG with 400, UNAVAILABLE with 503).
+_CODES: tuple[tuple[type[BaseException], str, str], ...] = (
+    (UserError, "INVALID_ARG", "invalid request"),
+    (TimedOutError, "UNAVAILABLE", "timed out"),
+    (UnavailableError, "UNAVAILABLE", "unavailable"),
+    (CancelledError, "CANCELLED", "cancelled"),
+)
 
 
 class TritonPythonModel:
-    def initialize(self, args: dict) -> None:
+    def initialize(self, args: dict[str, Any]) -> None:
         import torch
         import triton_python_backend_utils as pb_utils
         from safetensors.torch import load_file
@@ -47,21 +60,23 @@ class TritonPythonModel:
         if device == "cuda":
             device = f"cuda:{args.get('model_instance_device_id', '0')}"
         folder = os.path.join(args["model_repository"], args["model_version"])
-
-        verify_repository(os.path.dirname(args["model_repository"]))  # a truncated file stops the load
+        verify_model_record(folder)  # this model's own files; a truncated one stops the load, naming it
         with open(os.path.join(folder, PIPELINE_FILE)) as handle:
             meta = json.load(handle)
-        model = meta["model"]
-        table = build_stage_table(ModelDims(model["tokens_length"], model["context_dim"]),
-                                  ResolutionRange(*model["resolution"]))
-        tokenizer = PromptTokenizer(os.path.join(folder, meta["tokenizer"]), model["tokens_length"])
+        table = StageTable.from_summary(meta["model"], os.path.join(folder, PIPELINE_FILE))
+        tokenizer = PromptTokenizer(os.path.join(folder, meta["tokenizer"]), table.model.tokens_length)
         nulls = load_file(os.path.join(folder, meta["null_embeddings"]))
+        served = {stage: tuple(profiles_from_data(plan) for plan in plans)
+                  for stage, plans in meta["served_profiles"].items()}
+        stage_timeout = float(params.get("stage_timeout_s", "0") or 0)
         backend = TritonStageBackend(table, pb_utils, device, meta.get("stage_models"),
-                                     unsqueezed_inputs=meta.get("unsqueezed_inputs"))
+                                     unsqueezed_inputs=meta.get("unsqueezed_inputs"), served_profiles=served,
+                                     call_timeout_s=stage_timeout if stage_timeout > 0 else None)
+        backend.load_stage_models()  # explicit model control: the stages load as this model's dependencies
         timeout = float(params.get("request_timeout_s", "0") or 0)
         self.request_timeout_s = timeout if timeout > 0 else None
-        opt = table.resolution.opt
-        self.default_size = (opt, opt)
+        width, height = meta.get("default_size") or (table.resolution.opt, table.resolution.opt)
+        self.default_size = (int(width), int(height))
         self.pipeline = KandinskyVideoPipeline(backend, tokenizer, nulls["t2v"], nulls["interpolation"],
                                                self.default_size)
         pb_utils.Logger.log_info(f"{self.name}: pipeline on {device}, stages as BLS calls, "
@@ -69,30 +84,32 @@ class TritonPythonModel:
 
     # ------------------------------------------------------------------ requests
 
-    def _parse(self, request):
+    def _parse(self, request: Any) -> GenerationRequest:
         arrays = {}
         for name in [f.name for f in SCALAR_FIELDS] + [IMAGE]:
             tensor = self.pb.get_input_tensor_by_name(request, name)
             if tensor is not None:
                 arrays[name] = tensor.as_numpy()
         parsed = arrays_to_request(arrays, self.default_size)
-        return validate_request(parsed, self.pipeline.table.resolution)
+        validate_request(parsed, self.pipeline.table.resolution)
+        self.pipeline.check_served(parsed)  # the plans' profiles, before any stage runs
+        return parsed
 
-    def _error(self, exc: Exception):
+    def _error(self, exc: Exception) -> Any:
         pb = self.pb
-        if isinstance(exc, InvalidRequestError):
-            message, code = f"invalid request: {exc}", "INVALID_ARG"
-        elif isinstance(exc, GenerationCancelled):
-            message, code = f"cancelled: {exc}", "CANCELLED"
+        for kind, kind_code, label in _CODES:
+            if isinstance(exc, kind):
+                code, message = kind_code, f"{label}: {exc}"
+                break
         else:
             pb.Logger.log_error(f"{self.name}: generation failed: {type(exc).__name__}: {exc}")
-            message, code = f"generation failed: {type(exc).__name__}: {exc}", "INTERNAL"
+            code, message = "INTERNAL", f"generation failed: {type(exc).__name__}: {exc}"
         try:
             return pb.TritonError(message, getattr(pb.TritonError, code))
         except (AttributeError, TypeError):  # python backends before error codes
             return pb.TritonError(message)
 
-    def _result(self, output, seconds: float):
+    def _result(self, output: VideoOutput, seconds: float) -> Any:
         pb = self.pb
         timings = dict(output.timings, server_total=seconds)
         return pb.InferenceResponse(output_tensors=[
@@ -103,11 +120,14 @@ class TritonPythonModel:
             pb.Tensor("TIMINGS", np.array([json.dumps(timings).encode()], dtype=np.object_)),
         ])
 
-    def _generate(self, request, on_step=None):
+    def _generate(self, request: Any, on_step: Callable[[StepInfo], None] | None = None) -> Any:
         parsed = self._parse(request)
+        backend = self.pipeline.backend
+        assert isinstance(backend, TritonStageBackend)
+        backend.require_ready(parsed)  # a stage model unloaded since: refuse now, not after minutes of work
         cancelled = getattr(request, "is_cancelled", None)
 
-        def callback(info) -> bool:
+        def callback(info: StepInfo) -> bool:
             if cancelled is not None and cancelled():  # client gone or request cancelled: stop now
                 self.pb.Logger.log_info(f"{self.name}: request cancelled by the client at {info.stage} "
                                         f"step {info.step}; stopped")
@@ -121,7 +141,7 @@ class TritonPythonModel:
                                         timeout_s=self.request_timeout_s)
         return self._result(output, time.perf_counter() - start)
 
-    def execute(self, requests: list):
+    def execute(self, requests: list[Any]) -> list[Any] | None:
         if self.decoupled:
             for request in requests:
                 self._stream(request)
@@ -134,11 +154,11 @@ class TritonPythonModel:
                 responses.append(self.pb.InferenceResponse(error=self._error(exc)))
         return responses
 
-    def _stream(self, request) -> None:
+    def _stream(self, request: Any) -> None:
         pb = self.pb
         sender = request.get_response_sender()
 
-        def on_step(info) -> None:
+        def on_step(info: StepInfo) -> None:
             sender.send(pb.InferenceResponse(output_tensors=[
                 pb.Tensor("STAGE", np.array([info.stage.encode()], dtype=np.object_)),
                 pb.Tensor("STEP", np.array([info.step], dtype=np.int32)),
@@ -153,3 +173,6 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.pipeline.backend.close()
+
+
+__all__ = ["StageModelNotReady", "TritonPythonModel"]

@@ -2,21 +2,30 @@
 
 The orchestrator model builds :class:`KandinskyVideoPipeline` over this backend, so the server runs the
 one denoising loop of kvt.runtime; only ``_run`` differs from the in-process backends. Tensors on a GPU
-are handed over with DLPack and the stage outputs are requested in GPU memory, so latents, contexts and
-U-Net outputs stay on the device between calls (the python backend passes them by CUDA IPC). On the CPU
-the inputs are numpy views (copied once into the shared-memory request) and outputs are copied out of
-the response's shared memory, which is released with the response.
+are handed over with DLPack and the stage outputs are requested in GPU memory; the python backend copies
+each BLS input into a buffer of Triton's CUDA memory pool (``--cuda-memory-pool-byte-size``; a tensor
+the pool cannot hold is allocated with cudaMalloc for the call) and hands GPU outputs back by CUDA IPC.
+On the CPU the inputs are numpy views copied once into the shared-memory request, and outputs are
+copied out of the response's shared memory, which is released with the response.
+
+A stage call that does not answer within ``call_timeout_s`` fails the request with a timeout (the
+waiting thread is abandoned, the orchestrator instance goes on serving); the stage models a request
+needs are checked for readiness before any of its work starts.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from kvt.contract.errors import KvtError
+from kvt.contract.errors import KvtError, TimedOutError, UnavailableError
+from kvt.contract.plan import request_plan
+from kvt.contract.profiles import Profile, ServedProfiles
+from kvt.contract.request import GenerationRequest
 from kvt.contract.stages import StageTable
 from kvt.formats.triton_repo import unsqueezed_inputs as default_unsqueezed
 from kvt.runtime.backends.base import StageBackend
@@ -26,6 +35,14 @@ class StageCallError(KvtError, RuntimeError):
     """A stage model returned an error (its message says which model and why)."""
 
 
+class StageCallTimeout(TimedOutError):
+    """A stage model did not answer within the orchestrator's bound on one call."""
+
+
+class StageModelNotReady(UnavailableError):
+    """A stage model a request needs is not loaded and ready."""
+
+
 class TritonStageBackend(StageBackend):
     """``_run`` = one BLS request to the model that serves the stage."""
 
@@ -33,31 +50,96 @@ class TritonStageBackend(StageBackend):
 
     def __init__(self, table: StageTable, pb_utils: Any, device: torch.device | str = "cpu",
                  model_names: Mapping[str, str] | None = None, validate: bool = True,
-                 unsqueezed_inputs: Mapping[str, Sequence[str]] | None = None) -> None:
+                 unsqueezed_inputs: Mapping[str, Sequence[str]] | None = None,
+                 served_profiles: Mapping[str, Sequence[Sequence[Profile]]] | None = None,
+                 call_timeout_s: float | None = None) -> None:
         """``pb_utils``: the stub's triton_python_backend_utils module. ``model_names``: stage -> model
         name where they differ (default: the stage's name). ``unsqueezed_inputs``: stage -> per-row
-        scalar inputs sent as [N, 1] (batched stage configs; default: computed as the generator does)."""
+        scalar inputs sent as [N, 1] (batched stage configs; default: computed as the generator does).
+        ``served_profiles``: stage -> profiles of each of its plans (default: the table's ranges).
+        ``call_timeout_s``: the longest a single stage call may take (default: unbounded)."""
         super().__init__(table, device, validate)
         self.pb = pb_utils
         self.model_names = {name: name for name in table.names} | dict(model_names or {})
         self.unsqueezed = {spec.name: set(default_unsqueezed(spec)) for spec in table}
         self.unsqueezed.update({stage: set(names) for stage, names in (unsqueezed_inputs or {}).items()})
+        self._served = dict(served_profiles) if served_profiles is not None else None
+        self.call_timeout_s = call_timeout_s
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._preferred = None
         if self.device.type == "cuda" and hasattr(pb_utils, "PreferredMemory"):
             self._preferred = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU,
                                                        self.device.index or 0)
 
-    def _to_triton(self, name: str, tensor: torch.Tensor):
+    # ------------------------------------------------------------------ what the stage models serve
+
+    def served_profiles(self) -> ServedProfiles:
+        return self._served if self._served is not None else super().served_profiles()
+
+    def load_stage_models(self) -> None:
+        """Load the stage models that are not ready, as this model's dependencies: with explicit model
+        control, loading ``kandinsky_video`` (``POST /v2/repository/models/kandinsky_video/load``) loads
+        its stages, and fails if one of them cannot load. While the server itself starts (every model of
+        the repository loading at once, as under the default model control) there is nothing to do."""
+        load = getattr(self.pb, "load_model", None)
+        ready = getattr(self.pb, "is_model_ready", None)
+        if load is None or ready is None:
+            return
+        for model in dict.fromkeys(self.model_names.values()):
+            try:
+                if ready(model_name=model):
+                    continue
+            except Exception:  # "Server not ready": the server is starting and loads every model itself
+                return
+            try:
+                load(model_name=model)
+            except Exception as exc:
+                if "not allowed" in str(exc) or "polling" in str(exc) or "explicit" in str(exc):
+                    return  # this model control mode loads the repository itself
+                raise StageModelNotReady(f"stage model {model!r} could not be loaded as a dependency of the "
+                                         f"orchestrator: {exc}") from None
+
+    def require_ready(self, request: GenerationRequest) -> None:
+        """Every stage model ``request`` calls is ready, or :class:`StageModelNotReady` naming them."""
+        ready = getattr(self.pb, "is_model_ready", None)
+        if ready is None:
+            return
+        stages = {call.stage for call in request_plan(request.width, request.height, request.fps,
+                                                       request.image is not None, 1, 1, 1)}
+        missing = sorted({self.model_names[s] for s in stages if not ready(model_name=self.model_names[s])})
+        if missing:
+            raise StageModelNotReady(f"stage model(s) {missing} not ready on this server; nothing was run")
+
+    # ------------------------------------------------------------------ calls
+
+    def _to_triton(self, name: str, tensor: torch.Tensor) -> Any:
         tensor = tensor.detach().contiguous()
         if tensor.device.type == "cuda":
             return self.pb.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(tensor))
         return self.pb.Tensor(name, tensor.numpy())
 
-    def _to_torch(self, tensor) -> torch.Tensor:
+    def _to_torch(self, tensor: Any) -> torch.Tensor:
         if tensor.is_cpu():
             out = torch.from_numpy(np.array(tensor.as_numpy(), copy=True))
             return out.to(self.device) if self.device.type != "cpu" else out
         return torch.from_dlpack(tensor.to_dlpack())
+
+    def _exec(self, stage: str, model: str, request: Any) -> Any:
+        """``request.exec()``, bounded by ``call_timeout_s`` when set."""
+        if self.call_timeout_s is None:
+            return request.exec()
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvt-bls")
+        future = self._pool.submit(request.exec)
+        try:
+            return future.result(timeout=self.call_timeout_s)
+        except concurrent.futures.TimeoutError:
+            # The call may still complete in the stage model; this instance stops waiting for it and
+            # uses a fresh worker for the next call.
+            self._pool.shutdown(wait=False)
+            self._pool = None
+            raise StageCallTimeout(f"stage {stage} (model {model!r}) did not answer within "
+                                   f"{self.call_timeout_s:g} s; the request was stopped") from None
 
     def _run(self, stage: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         spec = self.table[stage]
@@ -70,7 +152,7 @@ class TritonStageBackend(StageBackend):
         kwargs = {"preferred_memory": self._preferred} if self._preferred is not None else {}
         request = self.pb.InferenceRequest(model_name=model, inputs=tensors,
                                            requested_output_names=list(spec.output_names), **kwargs)
-        response = request.exec()
+        response = self._exec(stage, model, request)
         if response.has_error():
             raise StageCallError(f"stage {stage} (model {model!r}): {response.error().message()}")
         outputs = {}
@@ -80,3 +162,8 @@ class TritonStageBackend(StageBackend):
                 raise StageCallError(f"stage {stage} (model {model!r}) returned no output {name!r}")
             outputs[name] = self._to_torch(tensor)
         return outputs
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None

@@ -6,8 +6,9 @@ plans: the optimisation profiles ``kvt build`` recorded, one min/opt/max shape p
 stage's ONNX graph, which ONNX Runtime runs on the CPU. What it reproduces of the TensorRT backend
 (triton-inference-server/tensorrt_backend, ``src/instance_state.cc``; the messages are the backend's):
 
-* one execution context per optimisation profile listed in the instance group's ``profile`` field, and
-  only profile 0 when the field is empty (``InitOptimizationProfiles``);
+* one execution context per optimisation profile listed in the instance group's ``profile`` field (which
+  the rehearsal moves to the ``standin_profiles`` parameter: Triton accepts the field on TensorRT models
+  only), and only profile 0 when none is listed (``InitOptimizationProfiles``);
 * a profile index that the plan does not have fails the model load;
 * per execution, the context whose profile contains every input shape and whose opt is nearest
   (Manhattan distance, computed as ``EvaluateTensorRTContext`` computes it); none containing them:
@@ -94,21 +95,26 @@ class TritonPythonModel:
 
     @staticmethod
     def _plan_file(config: dict[str, Any]) -> str:
-        """The plan the backend would load: with several per compute capability, the rehearsal names
-        the one to use in the ``standin_compute_capability`` parameter."""
+        """The plan the backend would load (``cc_model_filenames`` / ``default_model_filename``, which
+        the rehearsal moves to ``standin_*`` parameters); of several per compute capability, the one named
+        by the ``standin_compute_capability`` parameter, else the first."""
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        by_cc = config.get("cc_model_filenames") or {}
+        by_cc = json.loads(params.get("standin_cc_model_filenames", "{}")) or config.get("cc_model_filenames") or {}
         cc = params.get("standin_compute_capability")
         if by_cc:
             return str(by_cc[cc] if cc in by_cc else next(iter(by_cc.values())))
-        return str(config.get("default_model_filename") or "model.plan")
+        return str(params.get("standin_default_model_filename") or config.get("default_model_filename")
+                   or "model.plan")
 
     @staticmethod
     def _profile_names(config: dict[str, Any]) -> list[str]:
+        """The instance group's ``profile`` list (moved to the ``standin_profiles`` parameter by the
+        rehearsal: Triton accepts the field on TensorRT models only)."""
         names: list[str] = []
         for group in config.get("instance_group", []):
             names += [str(p) for p in group.get("profile", [])]
-        return names
+        listed = config.get("parameters", {}).get("standin_profiles", {}).get("string_value", "")
+        return names + [p for p in listed.split(",") if p]
 
     @staticmethod
     def _profile_index(name: str, count: int) -> int:

@@ -23,26 +23,15 @@ from types import ModuleType
 
 import torch
 
-from kvt.contract.stages import ModelDims, ResolutionRange, StageTable, build_stage_table
+from kvt.contract.profiles import ServedProfiles, profiles_from_key
 from kvt.formats.engine_cache import EngineCache
-from kvt.formats.engine_dir import EngineManifest, EngineManifestError
+from kvt.formats.engine_dir import EngineManifestError, stage_table_of
 from kvt.runtime.backends.base import StageBackend
 from kvt.runtime.backends.tensorrt.runner import ActivationArena, Engine
 from kvt.runtime.backends.tensorrt.trt_env import GpuInfo, import_tensorrt, require_gpu, tensorrt_version
 
 log = logging.getLogger(__name__)
 
-
-
-def stage_table_of(manifest: EngineManifest, where: Path) -> StageTable:
-    """The stage table of the export the plans were built from."""
-    try:
-        model = manifest.onnx_manifest["model"]
-        return build_stage_table(ModelDims(model["tokens_length"], model["context_dim"]),
-                                 ResolutionRange(*model["resolution"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise EngineManifestError(f"{where}: the manifest's export summary has no usable model dims ({exc}); "
-                                  "rebuild with `kvt build`") from None
 
 
 class TensorRTBackend(StageBackend):
@@ -86,6 +75,7 @@ class TensorRTBackend(StageBackend):
         entries = {name: cache.select(name, version, gpu.compute_capability, manifest) for name in names}
         super().__init__(table, torch.device("cuda", index), validate)
         self.manifest = manifest
+        self.entries = entries
         self.gpu = gpu
         self.tensorrt_version = version
         self.cuda_graphs = cuda_graphs
@@ -111,6 +101,10 @@ class TensorRTBackend(StageBackend):
     @property
     def stages(self) -> tuple[str, ...]:
         return tuple(self._engines)
+
+    def served_profiles(self) -> ServedProfiles:
+        """The profiles of the loaded plans: a request outside them is refused before any stage runs."""
+        return {name: (profiles_from_key(entry.key.profiles),) for name, entry in self.entries.items()}
 
     def _engine(self, stage: str) -> Engine:
         try:
