@@ -8,7 +8,6 @@ server must still be ready and the next request must produce the in-process resu
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import threading
@@ -25,17 +24,22 @@ pytestmark = pytest.mark.triton
 pytest.importorskip("onnxruntime")
 pytest.importorskip("tritonclient.grpc")
 
-from kvt.contract.files import file_records  # noqa: E402
 from kvt.contract.request import GenerationRequest  # noqa: E402
 from kvt.formats import triton_repo  # noqa: E402
-from kvt.formats.triton_repo import REPOSITORY_FILE  # noqa: E402
 from kvt.runtime.pipeline import KandinskyVideoPipeline  # noqa: E402
-from kvt.serving.client import TritonRequestError, TritonVideoClient  # noqa: E402
+from kvt.serving.client import (  # noqa: E402
+    TritonCancelled,
+    TritonRequestError,
+    TritonUnavailable,
+    TritonVideoClient,
+)
 from kvt.serving.generator import configs  # noqa: E402
 from kvt.serving.generator.repository import build_repository  # noqa: E402
 
 FAULTY = "unet_t2v_video"
 REQUEST_TIMEOUT_S = 4.0
+STAGE_TIMEOUT_S = 6.0  # one stage call; above the request limit so that both bounds can be hit apart
+MAX_QUEUE = 1
 STEPS = dict(key_frame_steps=2, base_frame_steps=2, interpolation_steps=1)
 FUZZ = {"tried": 0, "served": 0, "rejected": 0}
 
@@ -50,17 +54,14 @@ def triton_repository(tmp_path_factory, tiny_export_fp32) -> Path:
     """The python-ort repository this module's server (``triton_server`` in conftest.py) serves, with
     the fault-injecting stage model in place of FAULTY's."""
     out = tmp_path_factory.mktemp("reliability") / "repo"
-    options = configs.RepositoryOptions(triton_repo.PYTHON_ORT, request_timeout_s=REQUEST_TIMEOUT_S)
+    options = configs.RepositoryOptions(triton_repo.PYTHON_ORT, request_timeout_s=REQUEST_TIMEOUT_S,
+                                        stage_timeout_s=STAGE_TIMEOUT_S, max_queue_size=MAX_QUEUE)
     repo = build_repository(out, tiny_export_fp32, options=options)
     folder = repo / FAULTY / "1"
     (folder / "model.py").rename(folder / "real_model.py")
     shutil.copyfile(Path(__file__).parent / "assets" / "fault_stage_model.py", folder / "model.py")
-    # The orchestrator checks the repository's files against kvt_repository.json when it loads: record
-    # the swapped stage as a generator would have written it.
-    record_path = repo / REPOSITORY_FILE
-    record = json.loads(record_path.read_text())
-    record["files"] = file_records(repo, lambda p: p.name not in ("config.pbtxt", REPOSITORY_FILE))
-    record_path.write_text(json.dumps(record, indent=1))
+    # The orchestrator verifies only its own files (kvt_model.json): swapping a stage's model.py needs
+    # no record change, as swapping a plan would not.
     return repo
 
 
@@ -123,8 +124,83 @@ def test_stage_that_hangs_hits_the_request_time_limit(triton_server, triton_repo
     elapsed = time.monotonic() - start
     message = str(err.value)
     assert f"time limit of {REQUEST_TIMEOUT_S:g} s" in message and f"stage {FAULTY}" in message, message
+    # A timeout is UNAVAILABLE (HTTP 503), not CANCELLED: the client did not ask to stop.
+    assert isinstance(err.value, TritonUnavailable) and not isinstance(err.value, TritonCancelled)
     assert elapsed < REQUEST_TIMEOUT_S + 30
     _assert_serves(triton_server, local, 12)
+
+
+def test_a_hung_stage_call_is_bounded(triton_server, triton_repository, local):
+    """One stage call that does not return fails its request after --stage-timeout, even though the
+    request's own limit is only checked between steps; the instance goes on serving."""
+    _fault(triton_repository, f"sleep:{STAGE_TIMEOUT_S + 4}")
+    start = time.monotonic()
+    try:
+        with _client(triton_server, "grpc") as client, pytest.raises(TritonUnavailable) as err:
+            client.generate(_request(15))
+    finally:
+        _fault(triton_repository, "")
+    elapsed = time.monotonic() - start
+    assert f"did not answer within {STAGE_TIMEOUT_S:g} s" in str(err.value) and FAULTY in str(err.value)
+    assert elapsed < STAGE_TIMEOUT_S + 4 + 2, elapsed  # not waiting for the stage to come back
+    time.sleep(4)  # the abandoned call ends in the stage model
+    _assert_serves(triton_server, local, 15)
+
+
+def test_the_orchestrator_queue_is_bounded(triton_server, triton_repository, local):
+    """Beyond --max-queue waiting requests, a request is refused at once (UNAVAILABLE)."""
+    _fault(triton_repository, "sleep:0.5")
+    outcomes: list[str] = []
+
+    def run(seed: int) -> None:
+        with _client(triton_server, "grpc") as client:
+            try:
+                client.generate(_request(seed))
+                outcomes.append("served")
+            except TritonUnavailable as exc:
+                outcomes.append(f"refused: {exc}")
+
+    workers = [threading.Thread(target=run, args=(20 + i,)) for i in range(MAX_QUEUE + 2)]
+    try:
+        for worker in workers:
+            worker.start()
+            time.sleep(0.5)
+        for worker in workers:
+            worker.join(180)
+    finally:
+        _fault(triton_repository, "")
+    refused = [o for o in outcomes if o.startswith("refused")]
+    assert refused and "queue" in refused[0].lower(), outcomes
+    assert "served" in outcomes
+    _assert_serves(triton_server, local, 21)
+
+
+def test_default_client_cancels_when_it_stops_waiting(triton_server, triton_repository, local):
+    """gRPC is the default, and a client that stops (Ctrl-C, a raising progress callback) cancels the
+    server's work instead of waiting for every step (stop_stream(cancel_requests=True))."""
+    _fault(triton_repository, "sleep:0.2")
+    seen: list[int] = []
+
+    def stop_after_two(step) -> None:
+        seen.append(step.step)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    start = time.monotonic()
+    try:
+        with TritonVideoClient(triton_server.grpc_url, timeout=120) as client:
+            assert client.protocol == "grpc"
+            with pytest.raises(KeyboardInterrupt):
+                client.generate(_request(16, key_frame_steps=200), progress=stop_after_two)
+    finally:
+        _fault(triton_repository, "")
+    assert time.monotonic() - start < 30  # 200 steps of 0.2 s would take 40 s
+    deadline = time.monotonic() + 30
+    pattern = re.compile(r"request cancelled by the client at key_frame step (\d+)")
+    while time.monotonic() < deadline and not pattern.search(triton_server.log_tail(40000)):
+        time.sleep(0.2)
+    assert pattern.search(triton_server.log_tail(40000)), "the server did not stop the cancelled request"
+    _assert_serves(triton_server, local, 16)
 
 
 def test_stage_unloaded_mid_request(triton_server, triton_repository, local):
@@ -150,6 +226,38 @@ def test_stage_unloaded_mid_request(triton_server, triton_repository, local):
     assert not worker.is_alive()
     assert errors and FAULTY in errors[0], errors
     _assert_serves(triton_server, local, 13)
+
+
+def _executions(server, model: str) -> int:
+    import tritonclient.http as http
+
+    client = http.InferenceServerClient(server.http_url)
+    try:
+        stats = client.get_inference_statistics(model)["model_stats"]
+    finally:
+        client.close()
+    return sum(int(s.get("execution_count", 0)) for s in stats)
+
+
+def test_a_request_needing_an_unloaded_stage_fails_before_any_work(triton_server, triton_repository, local):
+    """The orchestrator checks the stages a request needs before running any: a stage model unloaded
+    since the orchestrator loaded fails the request at once (UNAVAILABLE, naming the model), instead of
+    after the key-frame loop; loading the orchestrator loads its stages as dependencies."""
+    with _client(triton_server) as admin:
+        admin._client.unload_model("video_movq_decoder")
+        try:
+            before = _executions(triton_server, "text_encoder")
+            with _client(triton_server, "grpc") as client, pytest.raises(TritonUnavailable) as err:
+                client.generate(_request(17))
+            assert "video_movq_decoder" in str(err.value) and "not ready" in str(err.value)
+            assert _executions(triton_server, "text_encoder") == before  # nothing ran
+            # Reloading the orchestrator loads the missing stage as its dependency.
+            admin._client.load_model(triton_repo.ORCHESTRATOR_MODEL)
+            assert admin._client.is_model_ready("video_movq_decoder")
+        finally:
+            if not admin._client.is_model_ready("video_movq_decoder"):
+                admin._client.load_model("video_movq_decoder")
+    _assert_serves(triton_server, local, 17)
 
 
 def test_cancelled_stream_stops_within_a_step(triton_server, triton_repository, local):

@@ -70,8 +70,19 @@ class OpenedSource:
             text = repr(sorted(self.source.describe().items()))
             return {"digest": hashlib.sha256(text.encode()).hexdigest()}
         files = {str(p): sha256_file(p) for p in self.files}
-        combined = hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest()
+        # The digest is the content's, not the folder's: a copied or moved checkpoint is the same export.
+        root = Path(self.source.weights)
+        named = sorted((self._role(Path(path), root), sha) for path, sha in files.items())
+        combined = hashlib.sha256(repr(named).encode()).hexdigest()
         return {"digest": combined, "files": files}
+
+    def _role(self, path: Path, root: Path) -> str:
+        for base, prefix in ((root, ""), (self.tokenizer_dir, "text_encoder/")):
+            try:
+                return prefix + path.relative_to(base).as_posix()
+            except ValueError:
+                continue
+        return path.name
 
 
 def config_differences(ours: KandinskyVideoConfig, preset: KandinskyVideoConfig) -> list[str]:

@@ -143,14 +143,20 @@ def build_repository(out: str | Path, onnx_dir: str | Path | None = None, engine
     manifest = ExportManifest.read(onnx_dir)
     table = manifest.stage_table()
     manifest.verify_files(onnx_dir, list(table.names) if options.backend != TENSORRT else [])
-    # Plans are chosen before anything is written: a missing one fails fast.
-    plans = ({stage: _select_plans(engines_path, stage, tensorrt_version) for stage in table.names}
-             if engines_path is not None else {})  # i.e. --backend tensorrt
+    # Plans are chosen before anything is written: a stale or missing plan fails fast. A stage the build
+    # made no plan for (the interpolation U-Net of a build for fps low only) is left out: the fps modes
+    # that need it are then refused by the orchestrator, naming what is served.
+    built = EngineManifest.read(engines_path).stages if engines_path is not None else {}
+    plans = ({stage: _select_plans(engines_path, stage, tensorrt_version) for stage in table.names
+              if built.get(stage)} if engines_path is not None else {})  # i.e. --backend tensorrt
+    stages = [spec for spec in table if engines_path is None or spec.name in plans]
+    if "text_encoder" not in {spec.name for spec in stages}:
+        raise RepositoryError(f"{engines_path}: no plan for stage 'text_encoder'; run `kvt build` for it")
 
     tmp = temporary_dir_beside(out)
     try:
         servings: dict[str, configs.StageServing] = {}
-        for spec in table:
+        for spec in stages:
             folder = tmp / spec.name / VERSION
             folder.mkdir(parents=True)
             plan_files = None
@@ -183,7 +189,7 @@ def build_repository(out: str | Path, onnx_dir: str | Path | None = None, engine
             folder = tmp / name / VERSION
             folder.mkdir(parents=True)
             assets = _copy_assets(onnx_dir, manifest, folder)
-            meta = {"model": manifest.model, **assets, "stage_models": {s: s for s in table.names},
+            meta = {"model": manifest.model, **assets, "stage_models": {s: s for s in servings},
                     "unsqueezed_inputs": {n: unsqueezed_inputs(v.spec, v.max_batch) for n, v in servings.items()},
                     "served_profiles": {n: v.to_data() for n, v in servings.items()},
                     "default_size": [int(served["default_width"]), int(served["default_height"])]}

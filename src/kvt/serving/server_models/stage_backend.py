@@ -54,13 +54,14 @@ class TritonStageBackend(StageBackend):
                  served_profiles: Mapping[str, Sequence[Sequence[Profile]]] | None = None,
                  call_timeout_s: float | None = None) -> None:
         """``pb_utils``: the stub's triton_python_backend_utils module. ``model_names``: stage -> model
-        name where they differ (default: the stage's name). ``unsqueezed_inputs``: stage -> per-row
+        name of every stage the repository serves (default: every stage, under its own name). ``unsqueezed_inputs``: stage -> per-row
         scalar inputs sent as [N, 1] (batched stage configs; default: computed as the generator does).
         ``served_profiles``: stage -> profiles of each of its plans (default: the table's ranges).
         ``call_timeout_s``: the longest a single stage call may take (default: unbounded)."""
         super().__init__(table, device, validate)
         self.pb = pb_utils
-        self.model_names = {name: name for name in table.names} | dict(model_names or {})
+        # The stage models of this repository (a build may leave out a stage no served request calls).
+        self.model_names = dict(model_names) if model_names is not None else {n: n for n in table.names}
         self.unsqueezed = {spec.name: set(default_unsqueezed(spec)) for spec in table}
         self.unsqueezed.update({stage: set(names) for stage, names in (unsqueezed_inputs or {}).items()})
         self._served = dict(served_profiles) if served_profiles is not None else None
@@ -106,7 +107,8 @@ class TritonStageBackend(StageBackend):
             return
         stages = {call.stage for call in request_plan(request.width, request.height, request.fps,
                                                        request.image is not None, 1, 1, 1)}
-        missing = sorted({self.model_names[s] for s in stages if not ready(model_name=self.model_names[s])})
+        models = {self.model_names.get(s, s) for s in stages}
+        missing = sorted(m for m in models if not ready(model_name=m))
         if missing:
             raise StageModelNotReady(f"stage model(s) {missing} not ready on this server; nothing was run")
 
@@ -143,7 +145,7 @@ class TritonStageBackend(StageBackend):
 
     def _run(self, stage: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         spec = self.table[stage]
-        model = self.model_names[stage]
+        model = self.model_names.get(stage, stage)
         unsqueezed = self.unsqueezed.get(stage, ())
         tensors = [self._to_triton(name, inputs[name][:, None] if name in unsqueezed else inputs[name])
                    for name in spec.input_names]
