@@ -64,7 +64,8 @@ def _documented_builds() -> list[tuple[str, list[str]]]:
         for block in re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, re.S):
             joined = block.replace("\\\n", " ")
             for line in joined.splitlines():
-                command = line.strip().lstrip("$ ").split("#")[0]
+                # a command may end a `bash -c '...'` or a `&&` chain
+                command = line.strip().lstrip("$ ").split("#")[0].split("&&")[0].strip().rstrip("'\"")
                 if not command.startswith("kvt build "):
                     continue
                 args, flags = shlex.split(command)[2:], []
