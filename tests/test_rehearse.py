@@ -5,7 +5,6 @@ the documentation gives (at tiny sizes)."""
 from __future__ import annotations
 
 import json
-import re
 import shlex
 from pathlib import Path
 
@@ -56,14 +55,30 @@ def test_rehearse_refuses_an_fps_mode_not_built(tmp_path, tiny_export_fp16):
     assert refused and refused[0]["status"] == "rejected" and "fps" in refused[0]["error"]
 
 
+def _shell_blocks(text: str) -> list[str]:
+    """The contents of fenced bash/sh code blocks, continuation lines joined."""
+    blocks, current, language = [], None, ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("```"):
+            if current is None:
+                current, language = [], stripped[3:].strip()
+            else:
+                if language in ("bash", "sh", "console", ""):
+                    blocks.append("\n".join(current).replace("\\\n", " "))
+                current = None
+            continue
+        if current is not None:
+            current.append(line)
+    return blocks
+
+
 def _documented_builds() -> list[tuple[str, list[str]]]:
     """Every `kvt build` command in the docs' shell blocks, as rehearse flags at tiny sizes."""
     builds = []
     for doc in DOCS:
-        text = doc.read_text()
-        for block in re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, re.S):
-            joined = block.replace("\\\n", " ")
-            for line in joined.splitlines():
+        for block in _shell_blocks(doc.read_text()):
+            for line in block.splitlines():
                 # a command may end a `bash -c '...'` or a `&&` chain
                 command = line.strip().lstrip("$ ").split("#")[0].split("&&")[0].strip().rstrip("'\"")
                 if not command.startswith("kvt build "):
