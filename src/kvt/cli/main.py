@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from kvt.cli import bench, build, doctor, export, generate, rehearse, stages, triton, weights
+from kvt.cli import bench, build, doctor, export, generate, rehearse, serve, stages, triton, weights
 from kvt.cli.common import say
 from kvt.contract.errors import (  # noqa: F401  (EXIT_* re-exported for callers of main())
     EXIT_CANCELLED,
@@ -36,7 +36,8 @@ from kvt.contract.errors import (  # noqa: F401  (EXIT_* re-exported for callers
 )
 
 # Each module registers its subcommands (register(sub)) and sets ``func`` on them; order = help order.
-COMMANDS: tuple[ModuleType, ...] = (generate, weights, stages, export, build, triton, rehearse, doctor, bench)
+COMMANDS: tuple[ModuleType, ...] = (generate, weights, stages, export, build, triton, serve, rehearse, doctor,
+                                     bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
                                 tensorrt_allocation=args.tensorrt_allocation)
     path = build_repository(args.out, args.onnx, args.engines, options,
                             tensorrt_version=args.tensorrt_version, overwrite=args.overwrite)
-    say("triton", f"wrote a {args.backend} repository to {path}; serve it with "
-                  f"`tritonserver --model-repository={path}`")
+    say("triton", f"wrote a {args.backend} repository to {path}; serve it with `kvt serve {path}`"
+                  + (" (the bundled CPU tritonserver runs the python backend only)" if args.backend != "python-ort"
+                     else ""))
     print(path)
     return EXIT_OK

@@ -1,7 +1,8 @@
-"""Start the ``tritonserver`` that the nvidia-pytriton wheel bundles, on loopback, for tests and users.
+"""Start a ``tritonserver`` on loopback, for ``kvt serve``, ``kvt rehearse`` and the tests: the system's
+(the NGC image's ``/opt/tritonserver``) where there is one, else the one the nvidia-pytriton wheel bundles.
 
-That build has the python backend only (enough for a python-ort repository) and needs a few things set
-up to run outside pytriton (see the project's notes, "Running a real Triton Inference Server on a
+The bundled build has the python backend only (enough for a python-ort repository and a rehearsal) and
+needs a few things set up to run outside pytriton (see the project's notes, "Running a real Triton Inference Server on a
 CPU-only machine"): a private backend folder holding the python backend and the stub for this Python,
 the venv's ``bin`` first on PATH and the interpreter's libdir plus ``nvidia_pytriton.libs`` on
 LD_LIBRARY_PATH, numpy < 2, free ports. The server's python-backend shared-memory regions get a prefix
@@ -64,6 +65,17 @@ def find_bundled_triton() -> BundledTriton:
     return found
 
 
+SYSTEM_TRITON = Path("/opt/tritonserver/bin/tritonserver")
+
+
+def find_system_triton() -> Path | None:
+    """The system's tritonserver (on PATH or at the NGC image's path), or None."""
+    found = shutil.which("tritonserver")
+    if found:
+        return Path(found)
+    return SYSTEM_TRITON if SYSTEM_TRITON.is_file() else None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -87,11 +99,20 @@ class TritonServer:
 
     def __init__(self, repository: str | Path, host: str = "127.0.0.1", http_port: int | None = None,
                  grpc_port: int | None = None, log_verbose: int = 0, extra_args: tuple[str, ...] = (),
-                 startup_timeout: float = 180.0) -> None:
+                 startup_timeout: float = 180.0, metrics_port: int | None = None, metrics: bool = False,
+                 binary: str | Path | None = None, log_path: Path | None = None) -> None:
+        """``metrics``: serve Prometheus metrics on ``metrics_port`` (default: a free port). ``binary``:
+        the tritonserver to run; "bundled" for nvidia-pytriton's; default: the system's where there is
+        one, else the bundled one. ``extra_args`` go to tritonserver last (they override ours)."""
         self.repository = Path(repository)
         self.host = host
         self.http_port = http_port or free_port(host)
         self.grpc_port = grpc_port or free_port(host)
+        self.metrics = metrics
+        self.metrics_port = (metrics_port or free_port(host)) if metrics else None
+        self.binary = binary
+        self.log_to = log_path
+        self.command: list[str] = []
         self.log_verbose = log_verbose
         self.extra_args = tuple(extra_args)
         self.startup_timeout = startup_timeout
@@ -107,6 +128,10 @@ class TritonServer:
     @property
     def grpc_url(self) -> str:
         return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str | None:
+        return f"http://{self.host}:{self.metrics_port}/metrics" if self.metrics_port else None
 
     def _backends(self, bundled: BundledTriton) -> Path:
         """A private backend folder: the bundled python backend plus the stub of this Python."""
@@ -133,21 +158,28 @@ class TritonServer:
         if not self.repository.is_dir():
             raise ServerError(f"model repository {self.repository} does not exist")
         _check_numpy()
-        bundled = find_bundled_triton()
         self._workdir = Path(tempfile.mkdtemp(prefix="kvt_triton_"))
-        self.log_path = self._workdir / "tritonserver.log"
-        command = [
-            str(bundled.binary), f"--model-repository={self.repository}",
-            f"--backend-directory={self._backends(bundled)}",
-            f"--http-address={self.host}", f"--http-port={self.http_port}",
-            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
-            "--allow-metrics=false", "--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0",
-            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
-            f"--log-verbose={self.log_verbose}", *self.extra_args,
-        ]
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                            env=self._environment(bundled), start_new_session=True)
+        self.log_path = self.log_to or self._workdir / "tritonserver.log"
+        system = None if self.binary == "bundled" else (Path(self.binary) if self.binary else find_system_triton())
+        common = [f"--model-repository={self.repository}",
+                  f"--http-address={self.host}", f"--http-port={self.http_port}",
+                  f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+                  *(["--allow-metrics=true", f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}"]
+                    if self.metrics else ["--allow-metrics=false"]),
+                  f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+                  f"--log-verbose={self.log_verbose}"]
+        if system is not None:  # an installed server: its own backends and memory settings
+            command, env = [str(system), *common, *self.extra_args], dict(os.environ)
+        else:  # the CPU build bundled in nvidia-pytriton (no GPU: no pinned or CUDA memory pools)
+            bundled = find_bundled_triton()
+            command = [str(bundled.binary), *common, f"--backend-directory={self._backends(bundled)}",
+                       "--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0",
+                       *(["--allow-gpu-metrics=false"] if self.metrics else []), *self.extra_args]
+            env = self._environment(bundled)
+        self.command = command
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True)
         try:
             self._wait_ready()
         except BaseException:
@@ -208,7 +240,7 @@ class TritonServer:
             path.unlink(missing_ok=True)
         if self._workdir is not None and self.log_path is not None:
             keep = os.environ.get("KVT_KEEP_TRITON_LOG")
-            if keep:
+            if keep and self.log_path.exists():
                 shutil.copyfile(self.log_path, keep)
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None

@@ -21,6 +21,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from kvt.contract.files import file_records, replace_dir, temporary_dir_beside
 from kvt.contract.profiles import Coverage, coverage
@@ -42,6 +43,7 @@ from kvt.formats.triton_repo import (
     unsqueezed_inputs,
     write_model_record,
 )
+from kvt.serving import protocol
 from kvt.serving.generator import configs
 from kvt.serving.generator.configs import RepositoryOptions
 from kvt.serving.server_models import orchestrator as orchestrator_model
@@ -109,6 +111,26 @@ def served_parameters(table: StageTable, cover: Coverage) -> dict[str, str]:
     return {"default_width": str(width), "default_height": str(height),
             "resolution": f"{min(sides)},{max(sides)}", "fps_modes": ",".join(cover.fps_modes(False)),
             "served": f"{cover.describe(False)}; {cover.describe(True)}"}
+
+
+PERF_INPUT_FILE = "perf_analyzer_input.json"
+PERF_PROMPT = "a red fox running through fresh snow, cinematic lighting"
+_PERF_ENTRIES = 32
+
+
+def perf_analyzer_input(cover: Coverage, served: dict[str, str]) -> dict[str, Any]:
+    """``perf_analyzer --input-data`` for the orchestrator: requests the repository serves (every fps
+    mode at the default size, then other served sizes at the first fps mode), official knobs otherwise."""
+    default = (int(served["default_width"]), int(served["default_height"]))
+    modes = cover.fps_modes(False)
+    combos = [(default, fps) for fps in modes if default in cover.sizes[(fps, False)]]
+    combos += [(size, modes[0]) for size in cover.sizes[(modes[0], False)] if size != default]
+    data = []
+    for seed, ((width, height), fps) in enumerate(combos[:_PERF_ENTRIES]):
+        data.append({protocol.PROMPT: {"content": [PERF_PROMPT], "shape": [1]},
+                     "WIDTH": {"content": [width], "shape": [1]}, "HEIGHT": {"content": [height], "shape": [1]},
+                     "FPS": {"content": [fps], "shape": [1]}, "SEED": {"content": [seed], "shape": [1]}})
+    return {"data": data}
 
 
 def build_repository(out: str | Path, onnx_dir: str | Path | None = None, engines_dir: str | Path | None = None,
@@ -208,6 +230,7 @@ def build_repository(out: str | Path, onnx_dir: str | Path | None = None, engine
                   "plans": {s: {cc: p.plan for cc, p in by_cc.items()} for s, by_cc in plans.items()}}
         # Sizes and hashes for verify_repository; config.pbtxt files are left out (users tune them, and
         # Triton parses them strictly).
+        (tmp / PERF_INPUT_FILE).write_text(json.dumps(perf_analyzer_input(cover, served), indent=1) + "\n")
         record["files"] = file_records(tmp, lambda path: path.name != "config.pbtxt")
         (tmp / REPOSITORY_FILE).write_text(json.dumps(record, indent=1, default=str) + "\n")
         replace_dir(tmp, out)

@@ -33,6 +33,7 @@ from kvt.formats.triton_repo import PIPELINE_FILE, verify_model_record
 from kvt.models.text_encoder import PromptTokenizer
 from kvt.runtime.pipeline import KandinskyVideoPipeline, StepInfo, VideoOutput
 from kvt.serving.protocol import IMAGE, SCALAR_FIELDS, arrays_to_request
+from kvt.serving.server_models.metrics import OrchestratorMetrics
 from kvt.serving.server_models.stage_backend import StageModelNotReady, TritonStageBackend
 
 # Error kind -> Triton error code (the HTTP endpoint answers INVALID_ARG with 400, UNAVAILABLE with 503).
@@ -69,9 +70,12 @@ class TritonPythonModel:
         served = {stage: tuple(profiles_from_data(plan) for plan in plans)
                   for stage, plans in meta["served_profiles"].items()}
         stage_timeout = float(params.get("stage_timeout_s", "0") or 0)
+        self.metrics = OrchestratorMetrics(pb_utils, self.name, tuple(meta.get("stage_models") or table.names))
         backend = TritonStageBackend(table, pb_utils, device, meta.get("stage_models"),
                                      unsqueezed_inputs=meta.get("unsqueezed_inputs"), served_profiles=served,
-                                     call_timeout_s=stage_timeout if stage_timeout > 0 else None)
+                                     call_timeout_s=stage_timeout if stage_timeout > 0 else None,
+                                     on_call=self.metrics.stage_call)
+        self.in_flight = 0
         backend.load_stage_models()  # explicit model control: the stages load as this model's dependencies
         timeout = float(params.get("request_timeout_s", "0") or 0)
         self.request_timeout_s = timeout if timeout > 0 else None
@@ -94,6 +98,17 @@ class TritonPythonModel:
         validate_request(parsed, self.pipeline.table.resolution)
         self.pipeline.check_served(parsed)  # the plans' profiles, before any stage runs
         return parsed
+
+    def _outcome(self, exc: BaseException | None) -> str:
+        if exc is None:
+            return "completed"
+        if isinstance(exc, (UserError, StageModelNotReady)):
+            return "rejected"
+        if isinstance(exc, TimedOutError):
+            return "timed_out"
+        if isinstance(exc, CancelledError):
+            return "cancelled"
+        return "failed"
 
     def _error(self, exc: Exception) -> Any:
         pb = self.pb
@@ -126,8 +141,13 @@ class TritonPythonModel:
         assert isinstance(backend, TritonStageBackend)
         backend.require_ready(parsed)  # a stage model unloaded since: refuse now, not after minutes of work
         cancelled = getattr(request, "is_cancelled", None)
+        last_step = [time.perf_counter()]
 
         def callback(info: StepInfo) -> bool:
+            now = time.perf_counter()
+            if info.step > 0:  # step 0's interval includes the loop's set-up
+                self.metrics.step(info.stage, now - last_step[0])
+            last_step[0] = now
             if cancelled is not None and cancelled():  # client gone or request cancelled: stop now
                 self.pb.Logger.log_info(f"{self.name}: request cancelled by the client at {info.stage} "
                                         f"step {info.step}; stopped")
@@ -141,15 +161,32 @@ class TritonPythonModel:
                                         timeout_s=self.request_timeout_s)
         return self._result(output, time.perf_counter() - start)
 
+    def _counted(self, request: Any, on_step: Callable[[StepInfo], None] | None = None) -> Any:
+        """``_generate`` with the request counted in the metrics (in flight, outcome)."""
+        self.in_flight += 1
+        self.metrics.set_in_flight(self.in_flight)
+        try:
+            response = self._generate(request, on_step)
+        except Exception as exc:
+            self.metrics.outcome(self._outcome(exc))
+            raise
+        finally:
+            self.in_flight -= 1
+            self.metrics.set_in_flight(self.in_flight)
+        self.metrics.outcome("completed")
+        return response
+
     def execute(self, requests: list[Any]) -> list[Any] | None:
         if self.decoupled:
-            for request in requests:
+            for index, request in enumerate(requests):
+                self.metrics.set_queued(len(requests) - index - 1)
                 self._stream(request)
             return None
         responses = []
-        for request in requests:
+        for index, request in enumerate(requests):
+            self.metrics.set_queued(len(requests) - index - 1)
             try:
-                responses.append(self._generate(request))
+                responses.append(self._counted(request))
             except Exception as exc:  # the error goes to this request's client; the instance goes on
                 responses.append(self.pb.InferenceResponse(error=self._error(exc)))
         return responses
@@ -166,7 +203,7 @@ class TritonPythonModel:
             ]))
 
         try:
-            response = self._generate(request, on_step)
+            response = self._counted(request, on_step)
         except Exception as exc:
             response = pb.InferenceResponse(error=self._error(exc))
         sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)

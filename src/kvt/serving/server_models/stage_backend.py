@@ -16,7 +16,8 @@ needs are checked for readiness before any of its work starts.
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -52,12 +53,14 @@ class TritonStageBackend(StageBackend):
                  model_names: Mapping[str, str] | None = None, validate: bool = True,
                  unsqueezed_inputs: Mapping[str, Sequence[str]] | None = None,
                  served_profiles: Mapping[str, Sequence[Sequence[Profile]]] | None = None,
-                 call_timeout_s: float | None = None) -> None:
+                 call_timeout_s: float | None = None,
+                 on_call: Callable[[str, float], None] | None = None) -> None:
         """``pb_utils``: the stub's triton_python_backend_utils module. ``model_names``: stage -> model
         name of every stage the repository serves (default: every stage, under its own name). ``unsqueezed_inputs``: stage -> per-row
         scalar inputs sent as [N, 1] (batched stage configs; default: computed as the generator does).
         ``served_profiles``: stage -> profiles of each of its plans (default: the table's ranges).
-        ``call_timeout_s``: the longest a single stage call may take (default: unbounded)."""
+        ``call_timeout_s``: the longest a single stage call may take (default: unbounded).
+        ``on_call``: called with (stage, seconds) after every stage call (the orchestrator's metrics)."""
         super().__init__(table, device, validate)
         self.pb = pb_utils
         # The stage models of this repository (a build may leave out a stage no served request calls).
@@ -66,6 +69,7 @@ class TritonStageBackend(StageBackend):
         self.unsqueezed.update({stage: set(names) for stage, names in (unsqueezed_inputs or {}).items()})
         self._served = dict(served_profiles) if served_profiles is not None else None
         self.call_timeout_s = call_timeout_s
+        self.on_call = on_call
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._preferred = None
         if self.device.type == "cuda" and hasattr(pb_utils, "PreferredMemory"):
@@ -154,7 +158,10 @@ class TritonStageBackend(StageBackend):
         kwargs = {"preferred_memory": self._preferred} if self._preferred is not None else {}
         request = self.pb.InferenceRequest(model_name=model, inputs=tensors,
                                            requested_output_names=list(spec.output_names), **kwargs)
+        start = time.perf_counter()
         response = self._exec(stage, model, request)
+        if self.on_call is not None:
+            self.on_call(stage, time.perf_counter() - start)
         if response.has_error():
             raise StageCallError(f"stage {stage} (model {model!r}): {response.error().message()}")
         outputs = {}
