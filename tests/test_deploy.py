@@ -12,8 +12,9 @@ import pytest
 import yaml
 
 from kvt.cli.main import build_parser
-from kvt.contract.stages import FPS_FRAMES
-from kvt.formats.triton_repo import ORCHESTRATOR_MODEL, PYTHON_ORT
+from kvt.contract.profiles import coverage, profiles_from_data
+from kvt.contract.stages import FPS_FRAMES, StageTable
+from kvt.formats.triton_repo import ORCHESTRATOR_MODEL, PIPELINE_FILE, PYTHON_ORT
 from kvt.serving import protocol
 from kvt.serving.generator.configs import RepositoryOptions
 from kvt.serving.generator.repository import PERF_INPUT_FILE, build_repository
@@ -81,7 +82,9 @@ def test_perf_analyzer_input_matches_the_orchestrator(tmp_path, tiny_export_fp32
     config = text_format.Parse((repo / ORCHESTRATOR_MODEL / "config.pbtxt").read_text(), pb.ModelConfig())
     inputs = {i.name: i for i in config.input}
     wire = {f.name: f for f in protocol.SCALAR_FIELDS}
-    served = config.parameters["served"].string_value
+    meta = json.loads((repo / ORCHESTRATOR_MODEL / "1" / PIPELINE_FILE).read_text())
+    cover = coverage(StageTable.from_summary(meta["model"]),
+                     {s: tuple(profiles_from_data(plan) for plan in plans) for s, plans in meta["served_profiles"].items()})
     assert data and len({(e["WIDTH"]["content"][0], e["HEIGHT"]["content"][0], e["FPS"]["content"][0])
                          for e in data}) == len(data)
     assert {e["FPS"]["content"][0] for e in data} == set(config.parameters["fps_modes"].string_value.split(","))
@@ -92,5 +95,6 @@ def test_perf_analyzer_input_matches_the_orchestrator(tmp_path, tiny_export_fp32
             numpy = wire[name].numpy
             assert all(isinstance(v, str) if wire[name].wire_type == "BYTES" else
                        isinstance(numpy(v).item(), int) for v in value["content"])
-        assert f"{entry['WIDTH']['content'][0]}x{entry['HEIGHT']['content'][0]}" in served
+        size = (entry["WIDTH"]["content"][0], entry["HEIGHT"]["content"][0])
+        assert size in cover.sizes[(entry["FPS"]["content"][0], False)]  # a request the repository serves
     assert protocol.PROMPT in {n for e in data for n in e}

@@ -46,8 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --model-control-mode explicit: models to load at start-up (repeatable; '*' = all)")
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for every model (600)")
     p.add_argument("--log", metavar="FILE", help="append tritonserver's log to FILE (default: a temporary file)")
-    p.add_argument("triton_args", nargs=argparse.REMAINDER, help="after `--`: more tritonserver options")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, accepts_passthrough=True)
 
 
 def server_args(args: argparse.Namespace) -> tuple[str, ...]:
@@ -58,8 +57,7 @@ def server_args(args: argparse.Namespace) -> tuple[str, ...]:
     if args.model_control_mode:
         out.append(f"--model-control-mode={args.model_control_mode}")
     out += [f"--load-model={name}" for name in args.load_model]
-    extra = list(args.triton_args)
-    return tuple(out + (extra[1:] if extra[:1] == ["--"] else extra))
+    return tuple(out + list(getattr(args, "passthrough", [])))
 
 
 def run(args: argparse.Namespace) -> int:
