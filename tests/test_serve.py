@@ -90,3 +90,18 @@ def test_kvt_serve_refuses_bad_options(tmp_path, capsys):
     assert "GPU:BYTES" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "repo"), "--load-model", "kandinsky_video"]) == 2
     assert "explicit" in capsys.readouterr().err
+
+
+def test_explicit_mode_loads_an_orchestrators_stages(tmp_path, tiny_export_fp32):
+    """With --model-control-mode explicit, `--load-model kandinsky_video` loads its stage models too."""
+    from kvt.cli.main import build_parser
+    from kvt.cli.serve import server_args
+
+    repo = build_repository(tmp_path / "repo", tiny_export_fp32, options=RepositoryOptions(PYTHON_ORT))
+    args = build_parser().parse_args(["serve", str(repo), "--model-control-mode", "explicit",
+                                      "--load-model", "kandinsky_video"])
+    args.passthrough = []
+    loaded = [a.split("=", 1)[1] for a in server_args(args, repo) if a.startswith("--load-model=")]
+    assert loaded[0] == "kandinsky_video"
+    assert set(loaded[1:]) == {"text_encoder", "unet_t2v_image", "unet_t2v_video", "unet_interp", "movq_encoder",
+                               "movq_decoder", "video_movq_decoder"}

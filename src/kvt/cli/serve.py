@@ -4,6 +4,7 @@ cleanly on Ctrl-C or SIGTERM."""
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import time
@@ -12,7 +13,7 @@ from types import FrameType
 
 from kvt.cli.common import UsageError, say
 from kvt.contract.errors import EXIT_FAILURE, EXIT_OK
-from kvt.formats.triton_repo import REPOSITORY_FILE
+from kvt.formats.triton_repo import PIPELINE_FILE, REPOSITORY_FILE
 from kvt.serving.local_server import TritonServer, find_system_triton
 
 MODEL_CONTROL = ("none", "explicit", "poll")
@@ -43,20 +44,30 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="how long tritonserver waits for in-flight requests after SIGTERM (Triton's default 30)")
     p.add_argument("--model-control-mode", choices=MODEL_CONTROL, help="Triton's model control mode")
     p.add_argument("--load-model", action="append", default=[], metavar="MODEL",
-                   help="with --model-control-mode explicit: models to load at start-up (repeatable; '*' = all)")
+                   help="with --model-control-mode explicit: models to load at start-up (repeatable; '*' = all); "
+                        "an orchestrator brings the stage models it calls")
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for every model (600)")
     p.add_argument("--log", metavar="FILE", help="append tritonserver's log to FILE (default: a temporary file)")
     p.set_defaults(func=run, accepts_passthrough=True)
 
 
-def server_args(args: argparse.Namespace) -> tuple[str, ...]:
-    """The tritonserver options the operator set, in tritonserver's spelling."""
+def dependencies(repository: Path, model: str) -> list[str]:
+    """The stage models an orchestrator of ``repository`` calls (its pipeline.json), else none."""
+    for meta in sorted((repository / model).glob(f"*/{PIPELINE_FILE}")):
+        return list(json.loads(meta.read_text()).get("stage_models", {}).values())
+    return []
+
+
+def server_args(args: argparse.Namespace, repository: Path) -> tuple[str, ...]:
+    """The tritonserver options the operator set, in tritonserver's spelling. With explicit model
+    control, loading an orchestrator loads the stage models it calls too (its dependencies)."""
     out = [f"--cuda-memory-pool-byte-size={value}" for value in args.cuda_memory_pool]
     if args.exit_timeout is not None:
         out.append(f"--exit-timeout-secs={args.exit_timeout}")
     if args.model_control_mode:
         out.append(f"--model-control-mode={args.model_control_mode}")
-    out += [f"--load-model={name}" for name in args.load_model]
+    models = [m for name in args.load_model for m in (name, *dependencies(repository, name))]
+    out += [f"--load-model={name}" for name in dict.fromkeys(models)]
     return tuple(out + list(getattr(args, "passthrough", [])))
 
 
@@ -77,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         binary is None and find_system_triton() is None) else f"tritonserver {binary or find_system_triton()}"
     server = TritonServer(repository, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics=not args.no_metrics, metrics_port=args.metrics_port, binary=binary,
-                          extra_args=server_args(args), startup_timeout=args.startup_timeout,
+                          extra_args=server_args(args, repository), startup_timeout=args.startup_timeout,
                           log_path=Path(args.log) if args.log else None)
     def on_signal(number: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt  # SIGTERM stops like Ctrl-C

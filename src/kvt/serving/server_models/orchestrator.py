@@ -76,7 +76,6 @@ class TritonPythonModel:
                                      call_timeout_s=stage_timeout if stage_timeout > 0 else None,
                                      on_call=self.metrics.stage_call)
         self.in_flight = 0
-        backend.load_stage_models()  # explicit model control: the stages load as this model's dependencies
         timeout = float(params.get("request_timeout_s", "0") or 0)
         self.request_timeout_s = timeout if timeout > 0 else None
         width, height = meta.get("default_size") or (table.resolution.opt, table.resolution.opt)

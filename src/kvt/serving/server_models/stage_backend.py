@@ -81,29 +81,6 @@ class TritonStageBackend(StageBackend):
     def served_profiles(self) -> ServedProfiles:
         return self._served if self._served is not None else super().served_profiles()
 
-    def load_stage_models(self) -> None:
-        """Load the stage models that are not ready, as this model's dependencies: with explicit model
-        control, loading ``kandinsky_video`` (``POST /v2/repository/models/kandinsky_video/load``) loads
-        its stages, and fails if one of them cannot load. While the server itself starts (every model of
-        the repository loading at once, as under the default model control) there is nothing to do."""
-        load = getattr(self.pb, "load_model", None)
-        ready = getattr(self.pb, "is_model_ready", None)
-        if load is None or ready is None:
-            return
-        for model in dict.fromkeys(self.model_names.values()):
-            try:
-                if ready(model_name=model):
-                    continue
-            except Exception:  # "Server not ready": the server is starting and loads every model itself
-                return
-            try:
-                load(model_name=model)
-            except Exception as exc:
-                if "not allowed" in str(exc) or "polling" in str(exc) or "explicit" in str(exc):
-                    return  # this model control mode loads the repository itself
-                raise StageModelNotReady(f"stage model {model!r} could not be loaded as a dependency of the "
-                                         f"orchestrator: {exc}") from None
-
     def require_ready(self, request: GenerationRequest) -> None:
         """Every stage model ``request`` calls is ready, or :class:`StageModelNotReady` naming them."""
         ready = getattr(self.pb, "is_model_ready", None)
