@@ -23,26 +23,14 @@ from types import ModuleType
 
 import torch
 
-from kvt.contract.stages import ModelDims, ResolutionRange, StageTable, build_stage_table
 from kvt.formats.engine_cache import EngineCache
-from kvt.formats.engine_dir import EngineManifest, EngineManifestError
+from kvt.formats.engine_dir import EngineManifestError, stage_table_of
 from kvt.runtime.backends.base import StageBackend
 from kvt.runtime.backends.tensorrt.runner import ActivationArena, Engine
 from kvt.runtime.backends.tensorrt.trt_env import GpuInfo, import_tensorrt, require_gpu, tensorrt_version
 
 log = logging.getLogger(__name__)
 
-
-
-def stage_table_of(manifest: EngineManifest, where: Path) -> StageTable:
-    """The stage table of the export the plans were built from."""
-    try:
-        model = manifest.onnx_manifest["model"]
-        return build_stage_table(ModelDims(model["tokens_length"], model["context_dim"]),
-                                 ResolutionRange(*model["resolution"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise EngineManifestError(f"{where}: the manifest's export summary has no usable model dims ({exc}); "
-                                  "rebuild with `kvt build`") from None
 
 
 class TensorRTBackend(StageBackend):
