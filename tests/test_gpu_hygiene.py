@@ -171,6 +171,32 @@ def test_cuda_graphs_with_hoisting_equal_eager_without():
     assert graphs.backend.captured_graphs > 0
 
 
+@pytest.mark.gpu
+@cuda
+def test_each_hygiene_switch_flipped_alone_keeps_the_video_on_cuda():
+    """The A/B of item 2 on the device: every switch off on its own gives the same video as the defaults.
+
+    Float32 U-Nets and T5 so that only kernel choices differ (TF32 convolutions: loose, not bit-exact)."""
+    models = random_models(TINY, seed=7, device="cuda", init_on_device=True)
+    exact = dict(unet_dtype=torch.float32, text_encoder_dtype=torch.float32)
+    reference = build_fast_pipeline(models, FastPathOptions(**exact))("a cat", fps="medium", seed=5, progress=False,
+                                                                       **STEPS)
+    assert reference.latents.isfinite().all()
+    for switch in (dict(native_group_norm=False), dict(cudnn_benchmark=False), dict(channels_last=False),
+                   dict(channels_last=True), dict(movq_attention="math"), dict(movq_attention="sdpa"),
+                   dict(cuda_graphs=False), dict(hoist_text=False)):
+        pipe = build_fast_pipeline(models, FastPathOptions(**exact, **switch))
+        out = pipe("a cat", fps="medium", seed=5, progress=False, **STEPS)
+        assert (out.latents - reference.latents).abs().max() <= 1e-2, switch
+        assert abs(out.frames.astype(int) - reference.frames.astype(int)).max() <= 2, switch
+    pipe = build_fast_pipeline(models, FastPathOptions(**exact))
+    latents = reference.latents.to("cuda")
+    pipe.decode_on_device = False
+    per_chunk = pipe.decode_video(latents)
+    pipe.decode_on_device = True
+    assert abs(pipe.decode_video(latents).astype(int) - per_chunk.astype(int)).max() <= 1
+
+
 # ------------------------------------------------------------------------------------------ headline
 
 
