@@ -247,4 +247,10 @@ def test_cli_flops_on_the_meta_device(tmp_path) -> None:
     assert main(["bench", "flops", "--preset", "tiny", "--width", "64", "--height", "64", "--out", str(tmp_path),
                  "--name", "f"]) == 0
     data = json.loads((tmp_path / "f.json").read_text())
-    assert data["per_request"]["high"] > data["per_request"]["medium"] > data["per_request"]["low"] > 0
+    per_request = data["per_request"]
+    assert per_request["high"]["cuts"] > per_request["medium"]["cuts"] > per_request["low"]["cuts"] > 0
+    for fps, counts in per_request.items():  # the exact cuts remove work at every fps mode
+        assert counts["cuts_hoisted"] < counts["cuts"] < counts["official"], fps
+    call = data["per_call"]["unet_t2v_video {'N': 36, 'h': 8, 'w': 8}"]
+    assert call["cuts"] < call["official"] and 0 < call["text_work"] < call["cuts"]
+    assert call["input_bytes"] == 36 * (9 * 8 * 8 + 1) * 4 + 2 * 16 * (32 * 4 + 1) + 2 * 4 + 3 * 36 * 4

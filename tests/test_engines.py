@@ -135,7 +135,8 @@ def test_input_shapes_scale_symbols_and_skip_static_inputs():
     profile = {"B": Dim(1, 1, 4), "h": Dim(32, 64, 128, 8), "w": Dim(32, 64, 128, 8)}
     assert input_shapes(spec, profile) == {"image": ((1, 3, 256, 256), (1, 3, 512, 512), (4, 3, 1024, 1024))}
     interp = input_shapes(FULL["unet_interp"], FULL["unet_interp"].profiles[1])
-    assert interp["sample"][1] == (88, 20, 64, 64) and interp["context"][2] == (88, 128, 4096)
+    assert interp["sample"][1] == (88, 20, 64, 64) and interp["temporal_mask"][2] == (88,)
+    assert "context" not in interp  # static [2, 128, 4096]: no profile entry (one copy per call)
     with pytest.raises(ProfileError, match="no dim '8h' of input 'image'"):
         input_shapes(spec, {"B": Dim(1, 1, 1)})
 

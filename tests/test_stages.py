@@ -45,8 +45,9 @@ def test_sample_inputs_bind_at_min_opt_max(table):
 def test_context_length_follows_config():
     full = build_stage_table(ModelDims.from_config(FULL.config))
     tiny = build_stage_table(ModelDims.from_config(TINY.config))
-    assert full["unet_t2v_video"].shapes(full["unet_t2v_video"].opt_dims())["context"] == (36, 128, 4096)
-    assert tiny["unet_t2v_video"].shapes(tiny["unet_t2v_video"].opt_dims())["context"] == (36, 16, 32)
+    # The distinct contexts [prompt, null], once per call whatever the rows.
+    assert full["unet_t2v_video"].shapes(full["unet_t2v_video"].opt_dims())["context"] == (2, 128, 4096)
+    assert tiny["unet_t2v_video"].shapes(tiny["unet_t2v_video"].opt_dims())["context"] == (2, 16, 32)
     assert full["movq_decoder"].shapes({"h": 128, "w": 128})["image"] == (1, 3, 1024, 1024)
 
 

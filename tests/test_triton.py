@@ -255,8 +255,9 @@ def _parse(path: Path):
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
 
 
-# Rows of independent requests may be batched (max of the table's first dim); the others may not.
-MAX_BATCH = {"text_encoder": 4, "unet_t2v_image": 8, "unet_t2v_video": 72, "movq_encoder": 4,
+# Rows of independent requests may be batched (max of the table's first dim); the others may not. The
+# U-Nets take one request's distinct contexts per call (not per row), so they are not batched either.
+MAX_BATCH = {"text_encoder": 4, "unet_t2v_image": 0, "unet_t2v_video": 0, "movq_encoder": 4,
              "unet_interp": 0, "movq_decoder": 0, "video_movq_decoder": 0}
 
 
@@ -309,8 +310,9 @@ def test_onnxruntime_repository(tmp_path, tiny_export_fp32):
     group = video.instance_group[0]
     assert group.count == 2 and list(group.gpus) == [0, 1] and group.kind == group.KIND_GPU
     assert list(_parse(repo / "video_movq_decoder" / "config.pbtxt").instance_group[0].gpus) == [2]
-    warmup = video.model_warmup[0]
-    assert warmup.batch_size == 36 and list(warmup.inputs["sample"].dims) == [9, 8, 8]
+    warmup = video.model_warmup[0]  # not batched: the whole call's shapes, the contexts once
+    assert warmup.batch_size == 0 and list(warmup.inputs["sample"].dims) == [36, 9, 8, 8]
+    assert list(warmup.inputs["context"].dims) == [2, 16, 32]
     assert not (repo / "unet_t2v_video" / "1" / "model.py").exists()
     assert (repo / "unet_t2v_video" / "1" / "model.onnx").is_file()
     orchestrator = _parse(repo / triton_repo.ORCHESTRATOR_MODEL / "config.pbtxt")
@@ -397,22 +399,23 @@ def test_python_ort_stage_model_merges_batched_requests(triton_repository, pipel
     from kvt.serving.server_models import stage as stage_model
 
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", FakePbUtils)
-    spec = pipeline.table["unet_t2v_image"]
+    spec = pipeline.table["movq_encoder"]
     config = json_format.MessageToDict(_parse(triton_repository / spec.name / "config.pbtxt"),
                                        preserving_proto_field_name=True)
+    assert int(config["max_batch_size"]) > 0
     model = stage_model.TritonPythonModel()
     model.initialize({"model_config": json.dumps(config), "model_repository": str(triton_repository / spec.name),
                       "model_version": "1"})
     unsqueezed = triton_repo.unsqueezed_inputs(spec)
-    calls = [spec.sample_inputs({"N": 2, "h": 16, "w": 16}, seed=seed) for seed in (1, 2, 3)]
+    calls = [spec.sample_inputs({"B": 1, "h": 8, "w": 8}, seed=seed) for seed in (1, 2, 3)]
     wire = [{name: FakePbUtils.Tensor(name, (t[:, None] if name in unsqueezed else t).numpy())
              for name, t in inputs.items()} for inputs in calls]
     responses = model.execute(wire)
     assert len(responses) == 3 and all(r.error is None for r in responses)
     for inputs, response in zip(calls, responses):
-        local = pipeline.backend.run(spec.name, inputs)["eps"]
-        torch.testing.assert_close(torch.from_numpy(response.outputs["eps"]), local, rtol=1e-4, atol=1e-5)
-    bad = dict(wire[0], sample=FakePbUtils.Tensor("sample", np.zeros((2, 3, 16, 16), np.float32)))
+        local = pipeline.backend.run(spec.name, inputs)["latent"]
+        torch.testing.assert_close(torch.from_numpy(response.outputs["latent"]), local, rtol=1e-4, atol=1e-5)
+    bad = dict(wire[0], image=FakePbUtils.Tensor("image", np.zeros((1, 2, 64, 64), np.float32)))
     responses = model.execute([bad, wire[1]])  # one bad request does not fail its neighbour
     assert responses[0].error is not None and responses[1].error is None
 

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from kvt.models import TINY
 from kvt.models.unet_interpolation import UNetInterpolation
+from kvt.models.unet_layers import ContextRows
 from kvt.models.unet_t2v import UNetT2V
 from support import refdata
 
@@ -58,24 +59,40 @@ def _interpolation() -> UNetInterpolation:
 
 
 def _run(path: str, t: dict[str, Tensor], context: Tensor | None = None,
-         context_mask: Tensor | None = None, context_len: Tensor | None = None) -> Tensor:
+         context_mask: Tensor | None = None, context_len: Tensor | None = None,
+         context_rows: ContextRows | None = None, temporal_clips: int | None = None) -> Tensor:
     """Our module on the case's inputs (optionally with a replaced context)."""
     entry: dict[str, Any] = refdata.file_entry(path)
     meta = entry.get("meta", {})
     context = t["context"] if context is None else context
     context_mask = t["context_mask"] if context_mask is None else context_mask
+    text = dict(context_len=context_len, context_rows=context_rows)
     with torch.no_grad():
         if T2V_PRODUCER in entry["producer"]:
             if "temporal_embed" in t:
                 return _t2v().forward_video(
                     t["x"], t["time"], context, context_mask, frame_index=t["temporal_embed"],
                     noise_aug=t["noise_aug_time"], motion_score=t["motion_score"],
-                    num_frames=int(meta["num_frames"]), context_len=context_len)
-            return _t2v().forward_image(t["x"], t["time"], context, context_mask, context_len=context_len)
+                    num_frames=int(meta["num_frames"]), **text)
+            return _t2v().forward_image(t["x"], t["time"], context, context_mask, **text)
         return _interpolation()(
             t["x"], t["time"], context, context_mask, skip_frames=t["skip_frames"],
             perturbation_time=t["perturbation_time"], temporal_mask=t["temporal_mask"],
-            num_groups=int(meta["num_predicted_groups"]), context_len=context_len)
+            num_groups=int(meta["num_predicted_groups"]), temporal_clips=temporal_clips, **text)
+
+
+def distinct_contexts(t: dict[str, Tensor]) -> tuple[Tensor, Tensor, ContextRows]:
+    """The golden per-row context as the stage contract sends it: the distinct contexts [prompt, null]
+    (first and last row) and the block layout of the rows, checked against every row."""
+    context, mask = t["context"], t["context_mask"]
+    distinct = torch.stack([context[0], context[-1]]), torch.stack([mask[0], mask[-1]])
+    assert int(mask[-1].sum()) == 1, "the last rows are the null context: one valid position"
+    rows = context.shape[0]
+    blocks = (0, 1, 1) if rows % 3 == 0 and torch.equal(context[rows // 3], context[-1]) else (0, 1)
+    layout = ContextRows(blocks, constant=(1,))
+    assert torch.equal(layout.per_row(distinct[0], rows), context)
+    assert torch.equal(layout.per_row(distinct[1], rows), mask)
+    return distinct[0], distinct[1], layout
 
 
 def _max_err(a: Tensor, b: Tensor) -> float:
@@ -114,6 +131,31 @@ def test_static_context_with_context_len_is_exact(path: str) -> None:
 
     shifted = _max_err(_run(path, t, context, mask), t["out"])
     assert shifted > 1e-3, f"{case}: padding without context_len should change the output (got {shifted:.3g})"
+
+
+# Distinct contexts vs the per-row form on the same case: float reassociation only (measured <= 1e-6 on
+# the reference cases; fp32, outputs of order 1).
+REASSOCIATION_ATOL = 1e-5
+
+
+@pytest.mark.parametrize("path", UNET_CASES, ids=_ids(UNET_CASES))
+def test_distinct_contexts_with_cuts_match_official(path: str) -> None:
+    """The stage contract's form: each distinct context once, K/V and pooling per context, the null rows'
+    cross-attention as a constant and (interpolation) temporal layers on the conditional half only."""
+    refdata.require_reference()
+    case = refdata.case_name(path)
+    t = refdata.load_tensors(path)
+    context, mask, rows = distinct_contexts(t)
+    clips = 1 if "temporal_mask" in t else None
+    if clips:
+        groups = int(refdata.file_entry(path)["meta"]["num_predicted_groups"])
+        assert t["temporal_mask"][groups:].eq(0).all(), "the unconditional half's temporal mask is 0"
+    cut = _run(path, t, context, mask, context_rows=rows, temporal_clips=clips)
+    per_row = _run(path, t)
+    assert _max_err(cut, t["out"]) <= refdata.recommended_atol(case)
+    assert _max_err(cut, per_row) <= REASSOCIATION_ATOL, f"{case}: cuts moved the output by more than reassociation"
+    swapped = _run(path, t, context.flip(0), mask.flip(0), context_rows=rows, temporal_clips=clips)
+    assert _max_err(swapped, per_row) > 1e-3, "the row mapping must matter"
 
 
 @pytest.mark.parametrize("path", T2V_CASES, ids=_ids(T2V_CASES))

@@ -10,7 +10,14 @@ import torch
 
 from kvt.benchmarks import report
 from kvt.benchmarks.e2e_bench import E2EResult, RequestSettings, compare_outputs, run_e2e
-from kvt.benchmarks.flops import achieved, device_peak, meta_stage_modules, stage_call_flops
+from kvt.benchmarks.flops import (
+    achieved,
+    device_peak,
+    meta_stage_modules,
+    stage_call_flops,
+    stage_precision,
+    text_work_flops,
+)
 from kvt.benchmarks.sources import iter_pipelines
 from kvt.benchmarks.stage_bench import FlopCache, bench_stage_calls, benchmark_calls
 from kvt.benchmarks.triton_bench import bench_concurrency, tritonclient_sender
@@ -48,9 +55,12 @@ def stage_command(source: PipelineSource, pipelines: list[str], options: FastPat
     if stages:
         calls = [c for c in calls if c.stage in stages]
     results: dict[str, list] = {}
-    flops = None
+    caches: dict[object, FlopCache] = {}  # the same networks: count once per form (cuts or official)
     for pipe_name, pipeline in iter_pipelines(pipelines, source, options, onnx_dir):
-        flops = flops or FlopCache.for_backend(pipeline.backend)  # the same networks: count once
+        key = FlopCache.key_of(pipeline.backend)
+        if key not in caches:
+            caches[key] = FlopCache.for_backend(pipeline.backend)
+        flops = caches[key]
         results[pipe_name] = bench_stage_calls(pipeline.backend, calls, peak, warmup, iterations, flops)
         del pipeline
     name = name or f"stage_{source.preset_name}_{width}x{height}_{device.type}"
@@ -76,8 +86,8 @@ def stage_command(source: PipelineSource, pipelines: list[str], options: FastPat
         f"## Per-stage latency: {source.describe()}, {width}x{height}, {peak.name}",
         report.provenance_markdown(info),
         f"- {warmup} warm-up + {iterations} timed calls per row ({results[pipelines[0]][0].latency.clock}); "
-        + (f"MFU against the dense FP16 peak, {peak.dense_fp16_tflops} TFLOP/s." if peak.dense_fp16_tflops
-           else "MFU n/a: no dense FP16 tensor-core peak for this device."),
+        + (f"MFU against the data sheet's dense peak of each stage's precision ({peak.datasheet} TFLOP/s)."
+           if peak.dense_fp16_tflops else "MFU n/a: no data-sheet peak for this device."),
         report.markdown_table(header, rows)])
     report.plot_bars(out / f"{name}.png", f"stage latency, {source.preset_name} {width}x{height}, {peak.name}",
                      labels, {p: [r.latency.median * 1e3 for r in results[p]] for p in pipelines},
@@ -110,20 +120,21 @@ def _video(result: E2EResult) -> VideoOutput:
     return result.output
 
 
-def _e2e_table(result: E2EResult, flops: dict[str, int | None], peak) -> str:
+def _e2e_table(result: E2EResult, flops: dict[str, int | None], peak, precisions: dict[str, str]) -> str:
     rows = []
     for stage, entry in result.stages.items():
         total: float | None = flops.get(stage)
         if stage == "text_encoder" and total is not None:
             total *= entry["calls"]
-        tflops, mfu = achieved(total, entry["seconds"], peak) if total else (None, None)
+        tflops, mfu = (achieved(total, entry["seconds"], peak, precisions.get(stage, "fp16")) if total
+                       else (None, None))
         rows.append([stage, entry["calls"], f"{entry['seconds']:.3f} s", f"{100 * entry['seconds'] / result.wall_s:.1f}%",
                      report.fmt(tflops, ".3f"), report.fmt(None if mfu is None else 100 * mfu, ".1f")])
     rows.append(["runtime (outside stage calls)", "-", f"{result.outside_stages_s:.3f} s",
                  f"{100 * result.overhead_fraction:.2f}%", "-", "-"])
     rows.append(["**total**", sum(e["calls"] for e in result.stages.values()), f"**{result.wall_s:.3f} s**",
                  "100%", "-", "-"])
-    return report.markdown_table(["stage", "calls", "latency", "share", "TFLOP/s", "MFU %"], rows)
+    return report.markdown_table(["stage", "calls", "latency", "share", "TFLOP/s", "MFU % (own precision)"], rows)
 
 
 def e2e_command(source: PipelineSource, pipelines: list[str], options: FastPathOptions, width: int,
@@ -135,14 +146,18 @@ def e2e_command(source: PipelineSource, pipelines: list[str], options: FastPathO
     settings = RequestSettings(width=width, height=height, seed=source.seed, key_frame_steps=steps[0],
                                base_frame_steps=steps[1], interpolation_steps=steps[2])
     results: dict[tuple[str, str], E2EResult] = {}
-    flop_totals: dict[str, dict] = {}
-    cache = None
+    flop_totals: dict[str, dict] = {}  # fps -> stage -> FLOPs (per pipeline: "fps/pipeline")
+    caches: dict[object, FlopCache] = {}
+    precisions: dict[str, dict[str, str]] = {}
     for pipe_name, pipeline in iter_pipelines(pipelines, source, options, onnx_dir):
-        cache = cache or FlopCache.for_backend(pipeline.backend)
+        key = FlopCache.key_of(pipeline.backend)
+        if key not in caches:
+            caches[key] = FlopCache.for_backend(pipeline.backend)
+        modules = getattr(pipeline.backend, "modules", None)
+        precisions[pipe_name] = {s: stage_precision(modules, s) for s in pipeline.table.names}
         for fps in fps_modes:
             results[(pipe_name, fps)] = run_e2e(pipeline, pipe_name, settings, fps, warmup_steps)
-            if fps not in flop_totals:
-                flop_totals[fps] = _plan_flops(cache, pipeline.table, width, height, fps, steps)
+            flop_totals[f"{fps}/{pipe_name}"] = _plan_flops(caches[key], pipeline.table, width, height, fps, steps)
         del pipeline
     name = name or f"e2e_{source.preset_name}_{width}x{height}_{device.type}"
     sections = [f"## End-to-end generation: {source.describe()}, {width}x{height}, {peak.name}",
@@ -175,7 +190,7 @@ def e2e_command(source: PipelineSource, pipelines: list[str], options: FastPathO
                                             "frames mean abs", "PSNR dB"], rows)]
     for (pipe_name, fps), result in results.items():
         sections += [f"### {pipe_name}, fps {fps} ({_video(result).num_frames} frames)",
-                     _e2e_table(result, flop_totals.get(fps, {}), peak)]
+                     _e2e_table(result, flop_totals.get(f"{fps}/{pipe_name}", {}), peak, precisions[pipe_name])]
     markdown = "\n\n".join(sections)
     stage_names = sorted({s for r in results.values() for s in r.stages})
     labels = [f"{p} {f}" for p, f in results]
@@ -192,33 +207,63 @@ def e2e_command(source: PipelineSource, pipelines: list[str], options: FastPathO
 
 # ------------------------------------------------------------------------------------------ flops
 
+def _count(modules, table, call, counter=stage_call_flops) -> tuple[int | None, str]:
+    try:
+        return counter(modules, table, call.stage, call.dims, device="meta"), ""
+    except (RuntimeError, NotImplementedError) as exc:
+        return None, f"not countable on the meta device ({str(exc).splitlines()[0][:60]})"
+
+
+def _pct(before: float | None, after: float | None) -> str:
+    return f"{100 * (after - before) / before:+.1f}%" if before and after is not None else "-"
+
+
 def flops_command(preset: str, width: int, height: int, out: Path, name: str | None) -> int:
-    modules, table = meta_stage_modules(preset)
+    """FLOPs per stage call and per request, in the official per-row form and with the exact cuts."""
+    official, table = meta_stage_modules(preset, cuts=False)
+    modules, _ = meta_stage_modules(preset, cuts=True)
     rows, data = [], {}
-    per_fps = {fps: 0 for fps in ("low", "medium", "high")}
+    fps_modes = ("low", "medium", "high")
+    per_fps = {fps: {"official": 0, "cuts": 0, "cuts_hoisted": 0} for fps in fps_modes}
     for call in benchmark_calls(width, height):
-        try:
-            count = stage_call_flops(modules, table, call.stage, call.dims, device="meta")
-        except (RuntimeError, NotImplementedError) as exc:
-            count, note = None, f"not countable on the meta device ({str(exc).splitlines()[0][:60]})"
-        else:
-            note = ""
+        before, note = _count(official, table, call)
+        after, _ = _count(modules, table, call)
+        text, _ = _count(modules, table, call, text_work_flops)
+        spec = table[call.stage]
+        payload = spec.input_bytes(call.dims)
         key = f"{call.stage} {dict(call.dims)}"
-        data[key] = count
+        data[key] = {"official": before, "cuts": after, "text_work": text, "input_bytes": payload}
         rows.append([call.stage, ", ".join(f"{k}={v}" for k, v in call.dims.items()),
-                     "n/a" if count is None else f"{count / 1e12:.3f}", note])
-        for fps in per_fps:
+                     "n/a" if before is None else f"{before / 1e12:.3f}",
+                     "n/a" if after is None else f"{after / 1e12:.3f}", _pct(before, after),
+                     "-" if not text else f"{text / 1e12:.4f}", f"{payload / 1e6:.2f}", note])
+        for fps in fps_modes:
             for planned in request_plan(width, height, fps, False):
-                if planned.stage == call.stage and dict(planned.dims) == dict(call.dims) and count:
-                    per_fps[fps] += count * planned.calls
+                if planned.stage == call.stage and dict(planned.dims) == dict(call.dims) and before and after:
+                    per_fps[fps]["official"] += before * planned.calls
+                    per_fps[fps]["cuts"] += after * planned.calls
+                    # Hoisted: the text work once per loop (each plan entry of a loop stage is one loop).
+                    per_fps[fps]["cuts_hoisted"] += (after - (text or 0)) * planned.calls + (text or 0)
     name = name or f"flops_{preset}_{width}x{height}"
     info = report.provenance(torch.device("meta"))
+    request_rows = [[fps, f"{v['official'] / 1e15:.3f}", f"{v['cuts'] / 1e15:.3f}", _pct(v["official"], v["cuts"]),
+                     f"{v['cuts_hoisted'] / 1e15:.3f}", _pct(v["official"], v["cuts_hoisted"])]
+                    for fps, v in per_fps.items()]
     markdown = "\n\n".join([
         f"## FLOPs per stage call: preset {preset}, {width}x{height} (torch flop counter, meta device)",
         report.provenance_markdown(info),
-        report.markdown_table(["stage", "dims", "TFLOP per call", "note"], rows),
-        report.markdown_table(["fps", "PFLOP per text-to-video request (official steps; T5 excluded if n/a)"],
-                              [[f, f"{v / 1e15:.2f}"] for f, v in per_fps.items()])])
+        "- *official form*: every row computes its own copy of the text work and the interpolation U-Net "
+        "runs its temporal layers on every row (the official code, the stage modules with `cuts=False`); "
+        "*with cuts*: the stage contract's distinct contexts, text work once per context, the null rows' "
+        "cross-attention as a constant, temporal layers on the conditional half only (exact up to float "
+        "reassociation). *Text work* is the part of a call that depends on the text alone; hoisting "
+        "computes it once per sampler loop. *Input MB*: the bytes one call's inputs take (stage table).",
+        report.markdown_table(["stage", "dims", "TFLOP official form", "TFLOP with cuts", "change",
+                               "text work TFLOP", "input MB per call", "note"], rows),
+        report.markdown_table(["fps", "PFLOP per request, official form", "with cuts", "change",
+                               "with cuts + text hoisted per loop", "change"], request_rows),
+        "Per text-to-video request, official steps; the text encoder is excluded where the meta device "
+        "cannot count it."])
     return _finish(out, name, {"provenance": info, "per_call": data, "per_request": per_fps}, markdown)
 
 

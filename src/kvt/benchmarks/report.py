@@ -33,11 +33,23 @@ def save_figure_atomic(figure: Any, path: str | Path) -> Path:
     return Path(path)
 
 
+def _command(argv: Sequence[str] | None) -> str:
+    """The command line of this run: ``kvt bench ...`` for the CLI, ``python -m kvt.benchmarks.X ...``
+    for a benchmark module run directly; ``argv`` (without the program) as given."""
+    if argv is not None:
+        return "kvt bench " + shlex.join(list(argv))
+    program = Path(sys.argv[0])
+    if program.suffix == ".py" and "kvt" in program.parts:
+        module = ".".join(program.with_suffix("").parts[program.parts.index("kvt"):])
+        return shlex.join(["python", "-m", module, *sys.argv[1:]])
+    return shlex.join([program.name, *sys.argv[1:]])
+
+
 def provenance(device: torch.device, argv: Sequence[str] | None = None) -> dict:
     """Date, machine, load, versions and the command of this run."""
     info: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "kvt bench " + shlex.join(list(argv if argv is not None else sys.argv[1:])),
+        "command": _command(argv),
         "host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
         "device": str(device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
     }

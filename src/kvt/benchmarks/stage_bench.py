@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvt.benchmarks.flops import DevicePeak, achieved, count_flops, meta_stage_modules_for
+from kvt.benchmarks.flops import DevicePeak, achieved, count_flops, meta_stage_modules_for, stage_precision
 from kvt.benchmarks.timing import LatencyStats, measure
 from kvt.contract.plan import StageCall, request_plan
 from kvt.runtime.backends.base import StageBackend
@@ -26,10 +26,11 @@ class StageResult:
     flops: int | None
     tflops: float | None
     mfu: float | None
+    precision: str = "fp16"  # the peak the MFU is taken against (flops.precision_key)
 
     def to_dict(self) -> dict:
         return {"stage": self.stage, "dims": self.dims, "latency": self.latency.to_dict(),
-                "flops": self.flops, "tflops": self.tflops, "mfu": self.mfu}
+                "flops": self.flops, "tflops": self.tflops, "mfu": self.mfu, "precision": self.precision}
 
 
 def distinct_calls(plan: Iterable[StageCall]) -> list[StageCall]:
@@ -73,7 +74,12 @@ class FlopCache:
         if modules is None or models is None:
             return cls(None)
 
-        return cls(modules, meta_stage_modules_for(models.config))
+        return cls(modules, meta_stage_modules_for(models.config, cuts=getattr(backend, "cuts", True)))
+
+    @staticmethod
+    def key_of(backend: StageBackend) -> object:
+        """Backends with the same key count the same FLOPs (same networks, same cuts)."""
+        return getattr(backend, "cuts", True)
 
     def __call__(self, stage: str, inputs: Mapping[str, torch.Tensor], input_names: tuple[str, ...]) -> int | None:
         key = (stage, tuple((n, tuple(inputs[n].shape)) for n in input_names))
@@ -101,6 +107,7 @@ def bench_stage_calls(backend: StageBackend, calls: Iterable[StageCall], peak: D
         inputs = spec.sample_inputs(call.dims, device=backend.device, seed=seed)
         stats = measure(functools.partial(backend.run, call.stage, inputs), backend.device, warmup, iterations)
         count = flops(call.stage, inputs, spec.input_names)
-        tflops, mfu = achieved(count, stats.median, peak) if count is not None else (None, None)
-        results.append(StageResult(call.stage, dict(call.dims), stats, count, tflops, mfu))
+        precision = stage_precision(getattr(backend, "modules", None), call.stage)
+        tflops, mfu = achieved(count, stats.median, peak, precision) if count is not None else (None, None)
+        results.append(StageResult(call.stage, dict(call.dims), stats, count, tflops, mfu, precision))
     return results

@@ -1,4 +1,4 @@
-"""``kvt bench``: stage, e2e, flops and triton benchmarks.
+"""``kvt bench``: stage, e2e, flops, headline and triton benchmarks.
 
 Each subcommand writes ``<name>.json`` (figures + provenance), ``<name>.md`` (tables) and PNG plots to
 ``--out`` (default ``bench-results`` under the current directory) and prints the Markdown.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from kvt.benchmarks import commands
+from kvt.benchmarks import commands, headline
 from kvt.benchmarks.sources import parse_pipelines
 from kvt.cli.common import UsageError, parse_list, preset
 from kvt.contract.request import GenerationRequest
@@ -80,6 +80,12 @@ def _add_subcommands(p: argparse.ArgumentParser) -> None:
     f.add_argument("--name")
     f.set_defaults(func=_run_flops)
 
+    h = sub.add_parser("headline", help="one time-boxed GPU session: environment, ceilings, attention census, "
+                                        "e2e fast vs baseline, per-switch A/B, MoVQ precision",
+                       description=headline.__doc__)
+    headline.add_arguments(h)
+    h.set_defaults(func=headline.run_headline)
+
     t = sub.add_parser("triton", help="Triton client latency / throughput at several concurrency levels")
     t.add_argument("--url", required=True, help="HOST:PORT of the server")
     t.add_argument("--protocol", default="http", choices=("http", "grpc"))
@@ -128,7 +134,8 @@ def _setup(args: argparse.Namespace) -> tuple[PipelineSource, list[str], FastPat
         channels_last=False if args.no_channels_last else None,
         text_encoder_dtype=torch.float32 if args.fp32_text_encoder else None)
     source = (PipelineSource.checkpoint(args.weights, args.text_encoder, device=args.device) if args.weights
-              else PipelineSource.preset(chosen.name, seed=args.seed, device=args.device))
+              else PipelineSource.preset(chosen.name, seed=args.seed, device=args.device,
+                                         init_on_device=torch.device(args.device).type == "cuda"))
     return source, parse_pipelines(args.pipelines), options, width, height
 
 

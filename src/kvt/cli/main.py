@@ -6,7 +6,7 @@ exit code.
     kvt stages [--preset full] [--json]       the stage contract table
     kvt export / build / triton-repo          ONNX export, TensorRT plans, Triton repository
     kvt doctor                                what is installed and which backends will run
-    kvt bench stage|e2e|flops|triton          benchmarks
+    kvt bench stage|e2e|flops|headline|triton benchmarks
 
 Exit codes (:data:`kvt.contract.errors.EXIT_CODES`): 0 done, 2 invalid input (nothing is written),
 1 a dependency missing here or a failure at run time, 124 timed out, 130 cancelled. Any other exception

@@ -6,6 +6,10 @@ from this table: ONNX dynamic axes and sample inputs (export), TensorRT optimisa
 ``config.pbtxt`` inputs and outputs (Triton), input validation and buffer shapes (runtime). A fact about a
 stage's I/O written anywhere else is a bug waiting to happen.
 
+U-Net stages take the text conditioning once per call, as the distinct contexts (``TEXT_CONTEXTS``:
+the prompt and the null context) rather than one copy per row; each stage's ``text_rows`` role says
+which context each block of rows reads, so the networks broadcast the contexts in the graph.
+
 Shapes are written with symbols: an ``int`` is static; a string names a dimension of the stage
 (``"N"``, ``"h"``), optionally scaled by an integer prefix (``"8h"`` = 8 x h). Each dimension has a
 min/opt/max range and a step (``multiple_of``). Stages with several optimisation profiles (the
@@ -14,6 +18,7 @@ interpolation U-Net: 22 and 88 rows) list them in ``profiles``.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -30,6 +35,11 @@ FPS_FRAMES = {"low": 12, "medium": 45, "high": 177}
 INTERPOLATION_PASSES = {"low": (), "medium": (3,), "high": (3, 1)}  # skip_frames of each pass
 LATENT_CHANNELS = 4
 PIXEL_MULTIPLE = 64  # three stride-2 U-Net levels on the H/8 latent (docs/spec/deployment.md)
+# The distinct text contexts a U-Net stage call receives, in this order along the first axis of its
+# `context`, `context_mask` and `context_len` inputs. The null context has exactly one valid position (the
+# network's null embedding at position 0), so cross-attention to it is a per-layer constant.
+TEXT_CONTEXTS = ("prompt", "null")
+NULL_CONTEXT = TEXT_CONTEXTS.index("null")
 
 
 @dataclass(frozen=True)
@@ -133,9 +143,17 @@ class StageSpec:
     # "interpolation"), None for once-per-request stages. `batch_independent`: rows of different
     # requests may share one call (no op mixes rows), so a server may batch requests. `layout_input`: the
     # input in image layout [N, C, H, W] (the one a channels-last memory format applies to).
+    # `text_rows` (U-Net stages): the rows are len(text_rows) equal consecutive blocks, block b reads the
+    # context named text_rows[b] (of TEXT_CONTEXTS); the guidance branches in the pipeline's batch order.
     loop: str | None = None
     batch_independent: bool = False
     layout_input: str | None = None
+    text_rows: tuple[str, ...] = ()
+
+    @property
+    def row_contexts(self) -> tuple[int, ...]:
+        """``text_rows`` as indices into the context inputs (empty for stages without text)."""
+        return tuple(TEXT_CONTEXTS.index(name) for name in self.text_rows)
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -164,7 +182,18 @@ class StageSpec:
             "outputs": [{"name": t.name, "dtype": t.dtype.value, "shape": list(t.shape)} for t in self.outputs],
             "profiles": [{k: [d.min, d.opt, d.max, d.multiple_of] for k, d in p.items()} for p in self.profiles],
             "loop": self.loop, "batch_independent": self.batch_independent, "layout_input": self.layout_input,
+            "text_rows": list(self.text_rows),
         }
+
+    def input_bytes(self, dims: Mapping[str, int]) -> int:
+        """Bytes of one call's inputs at ``dims`` (what a caller sends per call)."""
+        total = 0
+        for spec in self.inputs:
+            count = 1
+            for size in spec.concrete_shape(dims):
+                count *= size
+            total += count * spec.dtype.itemsize
+        return total
 
     def opt_dims(self, profile: int = 0) -> dict[str, int]:
         return {name: d.opt for name, d in self.profiles[profile].items()}
@@ -224,6 +253,10 @@ class StageSpec:
                     raise StageInputError(
                         f"stage {self.name}: dim {name} is {bound[name]} in one input and {value} in "
                         f"{spec.name!r}")
+        if self.text_rows and bound.get("N", 0) % len(self.text_rows):
+            raise StageInputError(
+                f"stage {self.name}: N={bound['N']} rows do not split into {len(self.text_rows)} equal blocks "
+                f"{list(self.text_rows)}")
         for name, value in bound.items():
             if not any(profile[name].contains(value) for profile in self.profiles):
                 raise StageInputError(
@@ -258,7 +291,8 @@ def _sample_value(name: str, shape: tuple[int, ...], gen: torch.Generator) -> to
 
 
 def _make_context_consistent(out: dict[str, torch.Tensor], gen: torch.Generator) -> None:
-    """One prompt length for every row: tokens / context rows before it, padding after."""
+    """One prompt length: tokens / context positions before it, padding after. U-Net contexts
+    (TEXT_CONTEXTS): the prompt, then the null context (position 0 only); both carry the prompt's L."""
     if "input_ids" in out:
         ids = out["input_ids"]
         seq = ids.shape[-1]
@@ -272,10 +306,11 @@ def _make_context_consistent(out: dict[str, torch.Tensor], gen: torch.Generator)
         context = out["context"]
         seq = context.shape[1]
         n = int(torch.randint(1, seq + 1, (1,), generator=gen))
-        valid = torch.arange(seq) < n
+        positions = torch.arange(seq)
+        valid = torch.stack([positions < n if name == "prompt" else positions < 1 for name in TEXT_CONTEXTS])
         values = torch.randn(context.shape, generator=gen)
-        out["context"] = torch.where(valid[None, :, None], values, torch.zeros(())).to(context.dtype)
-        out["context_mask"] = valid.expand(context.shape[:2]).clone()
+        out["context"] = torch.where(valid[:, :, None], values, torch.zeros(())).to(context.dtype)
+        out["context_mask"] = valid
         out["context_len"] = torch.full(context.shape[:1], float(context_length(n, seq)))
 
 
@@ -315,21 +350,25 @@ class ModelDims:
 
 
 def _unet_inputs(channels: int, sample_doc: str, S: int, D: int) -> tuple[TensorSpec, ...]:
-    """The inputs every U-Net stage starts with: sample, timestep and the text context."""
+    """The inputs every U-Net stage starts with: sample, timestep and the distinct text contexts."""
     return (
         TensorSpec("sample", DType.FP32, ("N", channels, "h", "w"), sample_doc),
         TensorSpec("timestep", DType.FP32, ("N",)),
-        *_context_inputs(S, D, "N"),
+        *_context_inputs(S, D),
     )
 
 
-def _context_inputs(S: int, D: int, batch: str) -> tuple[TensorSpec, ...]:
+def _context_inputs(S: int, D: int) -> tuple[TensorSpec, ...]:
+    K = len(TEXT_CONTEXTS)
     return (
-        TensorSpec("context", DType.FP32, (batch, S, D),
-                   "text context, static length; rows past the prompt are zero (null rows: only row 0)"),
-        TensorSpec("context_mask", DType.BOOL, (batch, S), "True for valid context positions"),
-        TensorSpec("context_len", DType.FP32, (batch,),
-                   "official trimmed length L = min(n_tokens + 1, S) of the request's prompt, on every row"),
+        TensorSpec("context", DType.FP32, (K, S, D),
+                   "the distinct text contexts [prompt, null], static length; positions past the prompt are "
+                   "zero; the null context is the null embedding at position 0 and zeros"),
+        TensorSpec("context_mask", DType.BOOL, (K, S),
+                   "True for valid context positions (the null context: position 0 only)"),
+        TensorSpec("context_len", DType.FP32, (K,),
+                   "official trimmed length L = min(n_tokens + 1, S) of the request's prompt, for both "
+                   "contexts (the null context too: quirk 1)"),
     )
 
 
@@ -383,9 +422,20 @@ class StageTable:
         return build_stage_table(model, resolution)
 
 
+@functools.cache
+def _roles_table() -> StageTable:
+    return build_stage_table(ModelDims(1, 1))
+
+
 def stage_names() -> tuple[str, ...]:
     """The stages of every table, in table order (the names do not depend on model dims)."""
-    return build_stage_table(ModelDims(1, 1)).names
+    return _roles_table().names
+
+
+def stage_roles(name: str) -> StageSpec:
+    """The row of ``name`` in a table of placeholder model dims: for the facts that do not depend on
+    them (names, roles, ``text_rows``), e.g. when a stage module is built without its table."""
+    return _roles_table()[name]
 
 
 def build_stage_table(model: ModelDims, resolution: ResolutionRange = ResolutionRange()) -> StageTable:
@@ -409,7 +459,7 @@ def build_stage_table(model: ModelDims, resolution: ResolutionRange = Resolution
             inputs=_unet_inputs(9, "[x_t | condition | mask]", S, D),
             outputs=(TensorSpec("eps", DType.FP32, ("N", C, "h", "w")),),
             dims={"N": Dim(2, 2, 8, 2), "h": key_latent, "w": key_latent},
-            loop="key_frame", batch_independent=True, layout_input="sample",
+            loop="key_frame", layout_input="sample", text_rows=("prompt", "null"),
             doc="t2v U-Net in image mode (image_in_layer, no temporal layers): loop A, the key frame "
                 "at twice the video resolution; 2 rows per request [prompt | null]",
         ),
@@ -422,7 +472,7 @@ def build_stage_table(model: ModelDims, resolution: ResolutionRange = Resolution
             outputs=(TensorSpec("eps", DType.FP32, ("N", C, "h", "w")),),
             dims={"N": Dim(3 * NUM_BASE_FRAMES, 3 * NUM_BASE_FRAMES, 6 * NUM_BASE_FRAMES, NUM_BASE_FRAMES),
                   "h": video_latent, "w": video_latent},
-            loop="base_frames", batch_independent=True, layout_input="sample",
+            loop="base_frames", layout_input="sample", text_rows=("prompt", "null", "null"),
             doc="t2v U-Net in video mode (in_layer, temporal layers, 12 frames per group): loop B; "
                 "36 rows per request [prompt+image | null+image | null]",
         ),
@@ -431,11 +481,13 @@ def build_stage_table(model: ModelDims, resolution: ResolutionRange = Resolution
             inputs=(*_unet_inputs(20, "[left | x_t (3 frames) | right]", S, D),
                     TensorSpec("skip_frames", DType.INT32, ("N",), "3 (12->45 pass) or 1 (45->177 pass)"),
                     TensorSpec("perturbation_time", DType.FP32, ("N",), "always 0"),
-                    TensorSpec("temporal_mask", DType.FP32, ("N",), "1 for conditional rows, 0 otherwise")),
+                    TensorSpec("temporal_mask", DType.FP32, ("N",),
+                               "1 for the conditional half [0, N/2), 0 on the unconditional half (whose "
+                               "temporal layers are skipped: exact pass-throughs)")),
             outputs=(TensorSpec("v", DType.FP32, ("N", 12, "h", "w"), "v-prediction, 3 frames x 4 ch"),),
             dims={"N": Dim(4, 22, 88, 2), "h": video_latent, "w": video_latent},
             extra_profiles=({"N": Dim(4, 88, 88, 2), "h": video_latent, "w": video_latent},),
-            loop="interpolation", layout_input="sample",
+            loop="interpolation", layout_input="sample", text_rows=("prompt", "null"),
             doc="interpolation U-Net: loop C; rows [G conditional | G unconditional], G = frames - 1 "
                 "(11 for 12->45, 44 for 45->177); all G groups in one call (temporal axis = group)",
         ),

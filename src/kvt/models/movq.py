@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kvt.models.attention_kernels import movq_attention
 from kvt.models.configs import MoVQConfig
 from kvt.models.norms import FP32GroupNorm
 
@@ -155,7 +156,7 @@ class AttnBlock(_QKVProjections):
         h = self.norm(x, zq)
         # (N, C, H, W) -> (N, 1, H*W, C): one head whose dim is C, so SDPA's default scale is C^-0.5.
         q, k, v = (proj(h).flatten(2).transpose(1, 2).unsqueeze(1) for proj in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = movq_attention(q, k, v)
         out = out.squeeze(1).transpose(1, 2).reshape(x.shape)
         return x + self.proj_out(out)
 
@@ -175,8 +176,7 @@ class TemporalAttnBlock(_QKVProjections):
             t = t.unflatten(0, (-1, frames)).permute(0, 3, 4, 1, 2)
             return t.reshape(-1, 1, frames, channels)
 
-        out = F.scaled_dot_product_attention(per_pixel(self.q(h)), per_pixel(self.k(h)),
-                                             per_pixel(self.v(h)))
+        out = movq_attention(per_pixel(self.q(h)), per_pixel(self.k(h)), per_pixel(self.v(h)))
         out = out.reshape(-1, height, width, frames, channels).permute(0, 3, 4, 1, 2)
         return x + self.proj_out(out.reshape(x.shape))
 

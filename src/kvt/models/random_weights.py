@@ -55,18 +55,20 @@ def _fan_in(module: nn.Module, weight: torch.Tensor) -> int:
     return weight.shape[-1] if weight.ndim > 1 else weight.numel()
 
 
-def _generator(seed: int, name: str) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+def _generator(seed: int, name: str, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
 
 
 def random_parameter(owner: nn.Module, local_name: str, shape: torch.Size, seed: int, name: str,
-                     scale: float = 1.0) -> torch.Tensor:
+                     scale: float = 1.0, device: torch.device | str = "cpu") -> torch.Tensor:
     """The float32 value of parameter ``name`` (``local_name`` on ``owner``) under ``seed``.
 
-    ``owner`` may live on the meta device: only its type and hyper-parameters are read.
+    ``owner`` may live on the meta device: only its type and hyper-parameters are read. Drawn on
+    ``device`` with that device's generator: the same recipe, but a GPU draws other (still seeded)
+    values than the CPU; exports and tests use the CPU values.
     """
-    gen = _generator(seed, name)
-    out = torch.empty(shape, dtype=torch.float32)
+    gen = _generator(seed, name, device)
+    out = torch.empty(shape, dtype=torch.float32, device=device)
     if isinstance(owner, nn.Embedding):
         out.normal_(0.0, 0.5, generator=gen)
     elif _is_norm(owner):
@@ -126,7 +128,7 @@ def randomize_network_(network: str, module: nn.Module, seed: int) -> nn.Module:
         for name, (owner, local) in parameter_owners(sub).items():
             param = params[name]
             value = random_parameter(owner, local, param.shape, seed + part.seed_offset, name,
-                                     output_scale(name, scales))
+                                     output_scale(name, scales), device=param.device)
             param.copy_(value.to(param.dtype))
     return module
 
@@ -166,17 +168,35 @@ def random_null_embeddings(context_dim: int, seed: int) -> tuple[torch.Tensor, t
             random_null_embedding(context_dim, seed + _NULL_SEED_OFFSETS["interpolation"]))
 
 
+def _to_empty_keeping_ties(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """``module.to_empty(device)`` with tied parameters (T5's shared embedding) tied again after it."""
+    groups: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    module = module.to_empty(device=device)
+    for names in groups.values():
+        first = module.get_parameter(names[0])
+        for name in names[1:]:
+            owner, _, leaf = name.rpartition(".")
+            setattr(module.get_submodule(owner) if owner else module, leaf, first)
+    return module
+
+
 def random_models(
     preset: Preset,
     seed: int = 0,
     device: torch.device | str = "cpu",
     precision: Precision = Precision(),
     tokenizer_dir: str | Path | None = None,
+    init_on_device: bool = False,
 ) -> KandinskyVideoModels:
     """Every network of ``preset`` with seeded random weights (no files needed).
 
     The tokenizer comes from ``tokenizer_dir`` or the tiny SentencePiece model shipped with the
     package (its ids fit any preset's vocabulary; use a real Flan-UL2 folder for real prompts).
+    ``init_on_device``: build each network on the meta device, allocate it on ``device`` in its final
+    dtype and draw the weights there (seconds instead of minutes at full size on a GPU, no host copy;
+    other values than the CPU draw, see :func:`random_parameter`).
     """
     from transformers import T5Config
 
@@ -184,8 +204,13 @@ def random_models(
     t5_config = T5Config(**preset.t5)
 
     def build(network: str) -> nn.Module:
-        module = build_network(network, config, t5_config, device="cpu")
-        return finish_network(randomize_network_(network, module, seed), device, precision.of_network(network))
+        dtype = precision.of_network(network)
+        if init_on_device:
+            module = _to_empty_keeping_ties(build_network(network, config, t5_config, device="meta"), device)
+            module = module.to(dtype) if dtype is not None else module
+        else:
+            module = build_network(network, config, t5_config, device="cpu")
+        return finish_network(randomize_network_(network, module, seed), device, dtype)
 
     t2v_null, interpolation_null = random_null_embeddings(config.text_encoder.context_dim, seed)
     return KandinskyVideoModels(
@@ -198,5 +223,6 @@ def random_models(
         tokenizer=PromptTokenizer(tokenizer_dir or TINY_TOKENIZER_DIR, config.text_encoder.tokens_length),
         t2v_null_embedding=t2v_null,
         interpolation_null_embedding=interpolation_null,
-        source=f"preset {preset.name!r}, random weights, seed {seed}",
+        source=f"preset {preset.name!r}, random weights, seed {seed}"
+               + (f", drawn on {torch.device(device).type}" if init_on_device else ""),
     )

@@ -12,13 +12,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kvt.contract.stages import NUM_BASE_FRAMES, ModelDims, ResolutionRange, StageTable, build_stage_table
+from kvt.contract.stages import (
+    NULL_CONTEXT,
+    NUM_BASE_FRAMES,
+    ModelDims,
+    ResolutionRange,
+    StageTable,
+    build_stage_table,
+    stage_roles,
+)
 from kvt.models.configs import KandinskyVideoConfig
 from kvt.models.model_set import KandinskyVideoModels
 from kvt.models.movq import MoVQ
 from kvt.models.presets import preset_for_config
 from kvt.models.text_encoder import TextEncoder
 from kvt.models.unet_interpolation import UNetInterpolation
+from kvt.models.unet_layers import ContextRows, TextContext
 from kvt.models.unet_t2v import UNetT2V
 
 
@@ -50,34 +59,71 @@ class TextEncoderStage(_StageModule):
         return self._out(self.network(input_ids, attention_mask))
 
 
-class UNetT2VImageStage(_StageModule):
+class UNetStage(_StageModule):
+    """A U-Net stage: the contract's distinct contexts [prompt, null] reach the network once per call.
+
+    ``cuts=True`` (default) hands the network the contexts with the stage's row mapping (``text_rows``)
+    and, for the interpolation U-Net, the conditional half as the only rows of the temporal layers: text
+    work once per context, the null rows' cross-attention as the constant it is, no temporal layers
+    where the mask throws them away. ``cuts=False`` runs today's official per-row form instead (each
+    context copied to its rows, every layer on every row): the same numbers up to float reassociation,
+    kept as the reference the cuts are checked and counted against, and for the official-style baseline.
+    """
+
+    stage = ""  # the stage of the table this module runs (set by each subclass)
+
+    def __init__(self, network: nn.Module, cuts: bool = True) -> None:
+        super().__init__(network)
+        self.cuts = cuts
+        spec = stage_roles(self.stage)
+        self.rows = ContextRows(spec.row_contexts, constant=(NULL_CONTEXT,))
+
+    def text_context(self, context: torch.Tensor, context_mask: torch.Tensor,
+                     context_len: torch.Tensor, rows: int) -> TextContext:
+        """The network's text conditioning for a call of ``rows`` rows, as the forward builds it."""
+        context = self._in(context)
+        if self.cuts:
+            return TextContext.of(context, context_mask, context_len, self.rows)
+        return TextContext.of(self.rows.per_row(context, rows), self.rows.per_row(context_mask, rows),
+                              self.rows.per_row(context_len, rows))
+
+
+
+class UNetT2VImageStage(UNetStage):
     network: UNetT2V
+    stage = "unet_t2v_image"
 
     def forward(self, sample, timestep, context, context_mask, context_len) -> torch.Tensor:
-        eps = self.network.forward_image(self._in(sample), timestep, self._in(context), context_mask,
-                                         context_len=context_len)
+        text = self.text_context(context, context_mask, context_len, sample.shape[0])
+        eps = self.network.forward_image(self._in(sample), timestep, text.context, text.mask, text.length,
+                                         text.rows)
         return self._out(eps)
 
 
-class UNetT2VVideoStage(_StageModule):
+class UNetT2VVideoStage(UNetStage):
     network: UNetT2V
+    stage = "unet_t2v_video"
 
     def forward(self, sample, timestep, context, context_mask, context_len, frame_index, noise_aug,
                 motion_score) -> torch.Tensor:
-        eps = self.network.forward_video(self._in(sample), timestep, self._in(context), context_mask,
-                                         frame_index, noise_aug, motion_score,
-                                         num_frames=NUM_BASE_FRAMES, context_len=context_len)
+        text = self.text_context(context, context_mask, context_len, sample.shape[0])
+        eps = self.network.forward_video(self._in(sample), timestep, text.context, text.mask, frame_index,
+                                         noise_aug, motion_score, NUM_BASE_FRAMES, text.length, text.rows)
         return self._out(eps)
 
 
-class UNetInterpolationStage(_StageModule):
+class UNetInterpolationStage(UNetStage):
     network: UNetInterpolation
+    stage = "unet_interp"
 
     def forward(self, sample, timestep, context, context_mask, context_len, skip_frames,
                 perturbation_time, temporal_mask) -> torch.Tensor:
-        v = self.network(self._in(sample), timestep, self._in(context), context_mask, skip_frames,
-                         perturbation_time, self._in(temporal_mask), num_groups=None,
-                         context_len=context_len)
+        text = self.text_context(context, context_mask, context_len, sample.shape[0])
+        # Rows [G conditional | G unconditional] as two sequences of G groups; the temporal mask is 0 on
+        # the second (the stage contract), so with the cuts only the first runs temporal layers.
+        v = self.network(self._in(sample), timestep, text.context, text.mask, skip_frames, perturbation_time,
+                         self._in(temporal_mask), num_groups=None, context_len=text.length,
+                         context_rows=text.rows, temporal_clips=1 if self.cuts else None)
         return self._out(v)
 
 
@@ -107,18 +153,21 @@ STAGE_MODULES: dict[str, type[_StageModule]] = {
 }
 
 
-def stage_module(stage: str, network: nn.Module) -> nn.Module:
-    """The stage module of ``stage`` around ``network`` (shared, not copied)."""
+def stage_module(stage: str, network: nn.Module, cuts: bool = True) -> nn.Module:
+    """The stage module of ``stage`` around ``network`` (shared, not copied). ``cuts``: U-Net stages
+    skip the work their outputs do not depend on (see :class:`UNetStage`); False: the official form."""
     try:
-        return STAGE_MODULES[stage](network).eval()
+        cls = STAGE_MODULES[stage]
     except KeyError:
         raise KeyError(f"no stage module for stage {stage!r}; known: {sorted(STAGE_MODULES)}") from None
+    module = cls(network, cuts) if issubclass(cls, UNetStage) else cls(network)
+    return module.eval()
 
 
-def build_stage_modules(models: KandinskyVideoModels, table: StageTable) -> dict[str, nn.Module]:
+def build_stage_modules(models: KandinskyVideoModels, table: StageTable, cuts: bool = True) -> dict[str, nn.Module]:
     """One module per stage of ``table``, sharing the networks of ``models`` (no copies)."""
     networks = models.networks()
-    return {spec.name: stage_module(spec.name, networks[spec.network]) for spec in table}
+    return {spec.name: stage_module(spec.name, networks[spec.network], cuts) for spec in table}
 
 
 def stage_table_for(config: KandinskyVideoConfig, resolution: ResolutionRange | None = None) -> StageTable:

@@ -5,6 +5,9 @@ The temporal axis is the *group* index: a batch (B, ...) is regrouped as (B // G
 pipeline's layout [G conditional | G unconditional]. Every temporal layer is gated per row:
 out = (1 - m_b) x + m_b f(x) with m_b = merge * temporal_mask[b]; rows with mask 0 are exact
 pass-throughs (``torch.where``), so a non-finite f(x) in those rows cannot leak in as 0 * inf = NaN.
+When the caller says that only the first clips carry a nonzero mask (``temporal_clips``: the pipeline's
+conditional half), the temporal layers run on those rows alone and the others pass through untouched:
+the same values, without computing what the mask throws away.
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ from kvt.models.unet_layers import (
     Block,
     ClipLayout,
     ConditionalGroupNorm,
+    ContextRows,
     EmbedMLP,
     FeedForward,
     LevelPlan,
     OutLayer,
     Resample,
     ResNetBlock,
-    as_key_mask,
+    TextContext,
     conv_over_time,
     frames_to_sequences,
     sequences_to_frames,
@@ -38,15 +42,34 @@ from kvt.models.unet_layers import (
 
 @dataclass(frozen=True)
 class GroupGating:
-    """What the temporal layers need: the group layout and the per-row mask (B, 1, 1, 1)."""
+    """What the temporal layers need: the group layout, the per-row mask (B, 1, 1, 1) and, optionally,
+    the number of leading clips whose rows the temporal layers run on (the rest pass through)."""
 
     layout: ClipLayout
     mask: Tensor
+    active_clips: int | None = None
 
     def blend(self, x: Tensor, y: Tensor, merge: Tensor) -> Tensor:
         """(1 - m) x + m y with m = merge * mask, and exactly x where mask == 0."""
         m = merge * self.mask
         return torch.where(self.mask != 0, (1 - m) * x + m * y, x)
+
+    def active(self, x: Tensor) -> tuple[Tensor, Tensor | None, GroupGating]:
+        """(rows the temporal layers run on, rows that pass through or None, the gating of the former)."""
+        if self.active_clips is None:
+            return x, None, self
+        if self.layout.frames is not None:
+            rows = self.active_clips * self.layout.frames
+            layout = self.layout
+        else:
+            assert self.layout.clips is not None  # ClipLayout: exactly one of frames / clips
+            rows = self.active_clips * (x.shape[0] // self.layout.clips)
+            layout = ClipLayout(clips=self.active_clips)
+        return x[:rows], x[rows:], GroupGating(layout, self.mask[:rows])
+
+    @staticmethod
+    def join(active: Tensor, rest: Tensor | None) -> Tensor:
+        return active if rest is None else torch.cat([active, rest])
 
 
 class TemporalConv3D(nn.Module):
@@ -61,8 +84,9 @@ class TemporalConv3D(nn.Module):
         nn.init.zeros_(self.temporal_projection.bias)
 
     def forward(self, x: Tensor, gating: GroupGating) -> Tensor:
+        x, rest, gating = gating.active(x)
         out = conv_over_time(self.temporal_projection, x, gating.layout)
-        return gating.blend(x, out, self.temporal_merge)
+        return gating.join(gating.blend(x, out, self.temporal_merge), rest)
 
 
 class TemporalAttentionBlock(nn.Module):
@@ -80,11 +104,13 @@ class TemporalAttentionBlock(nn.Module):
 
     def forward(self, x: Tensor, embed: Tensor, gating: GroupGating) -> Tensor:
         height, width = x.shape[-2:]
+        x, rest, gating = gating.active(x)
+        embed = embed[:x.shape[0]]
         seq = frames_to_sequences(self.in_norm(x, embed), gating.layout)
         out = sequences_to_frames(self.attention(seq, seq), height, width)
         x = gating.blend(x, out, self.temporal_merge1)
         out = self.feed_forward(self.out_norm(x, embed))
-        return gating.blend(x, out, self.temporal_merge2)
+        return gating.join(gating.blend(x, out, self.temporal_merge2), rest)
 
 
 class InterpolationBlock(Block):
@@ -168,12 +194,11 @@ class Unit(nn.ModuleList):
         ])
         self.has_cross_attention = cross_attention is not None
 
-    def forward(self, x: Tensor, embed: Tensor, context: Tensor, mask: Tensor,
-                gating: GroupGating) -> Tensor:
+    def forward(self, x: Tensor, embed: Tensor, text: TextContext, gating: GroupGating) -> Tensor:
         in_resnet, cross_attention, out_resnet = self
         x = in_resnet(x, embed, gating)
         if self.has_cross_attention:
-            x = cross_attention(x, embed, context, mask)
+            x = cross_attention(x, embed, text)
         return out_resnet(x, embed, gating)
 
 
@@ -218,14 +243,13 @@ class DownLevel(nn.Module):
             for i, a in enumerate(widths)
         ])
 
-    def forward(self, x: Tensor, embed: Tensor, context: Tensor, mask: Tensor,
-                gating: GroupGating) -> Tensor:
+    def forward(self, x: Tensor, embed: Tensor, text: TextContext, gating: GroupGating) -> Tensor:
         if self.self_attention_block is not None:
             x = self.self_attention_block(x, embed)
         if self.temporal_attention_block is not None:
             x = self.temporal_attention_block(x, embed, gating)
         for unit in self.resnet_attn_blocks:
-            x = unit(x, embed, context, mask, gating)
+            x = unit(x, embed, text, gating)
         return x
 
 
@@ -244,10 +268,9 @@ class UpLevel(nn.Module):
         self.self_attention_block = make.attention(cout, None) if plan.self_attention else None
         self.temporal_attention_block = make.temporal_attention(cout) if plan.self_attention else None
 
-    def forward(self, x: Tensor, embed: Tensor, context: Tensor, mask: Tensor,
-                gating: GroupGating) -> Tensor:
+    def forward(self, x: Tensor, embed: Tensor, text: TextContext, gating: GroupGating) -> Tensor:
         for unit in self.resnet_attn_blocks:
-            x = unit(x, embed, context, mask, gating)
+            x = unit(x, embed, text, gating)
         if self.self_attention_block is not None:
             x = self.self_attention_block(x, embed)
         if self.temporal_attention_block is not None:
@@ -283,27 +306,32 @@ class UNetInterpolation(nn.Module):
         self.temporal_conv_out = TemporalConv3D(init, init) if new else None
 
     def _time_embed(self, timestep: Tensor, perturbation_time: Tensor, skip_frames: Tensor,
-                    context: Tensor, context_mask: Tensor, context_len: Tensor | None) -> Tensor:
+                    text: TextContext) -> Tensor:
         embed = self.to_time_embed(timestep)
         perturbation = self.perturbation_to_time_embed(perturbation_time)
         embed = self.time_embed_merge * perturbation + (1 - self.time_embed_merge) * embed
         embed = self.skip_merge * self.skip_embeddings(skip_frames.long()) + embed
-        return self.feature_pooling(embed, context, context_mask, context_len)
+        return self.feature_pooling(embed, text)
 
     def forward(self, x: Tensor, timestep: Tensor, context: Tensor, context_mask: Tensor,
                 skip_frames: Tensor, perturbation_time: Tensor, temporal_mask: Tensor,
-                num_groups: int | None = None, context_len: Tensor | None = None) -> Tensor:
+                num_groups: int | None = None, context_len: Tensor | None = None,
+                context_rows: ContextRows | None = None, temporal_clips: int | None = None) -> Tensor:
         """Predict v for a batch laid out as B // G sequences of G consecutive groups.
 
         x (B, C_in, H, W); timestep, perturbation_time (B,) any numeric dtype (the pipeline passes 0
         for perturbation_time); skip_frames (B,) integer, indexes Embedding(20); temporal_mask (B,)
         (1 = temporal layers on, 0 = exact pass-through); num_groups G, default B // 2 (the pipeline's
-        [G cond | G uncond] batch); context_len (B,) float, only for a zero-padded static context.
+        [G cond | G uncond] batch); context (K, L, D), context_mask (K, L), context_len (K,) float
+        (only for a zero-padded static context) and context_rows as in UNetT2V.forward_image;
+        temporal_clips: the temporal layers run on the first ``temporal_clips`` sequences of G groups
+        only, the other rows pass through; exact when their temporal_mask is 0 (the pipeline's
+        unconditional half: temporal_clips=1). None runs them on every row, as the official code does.
         """
-        mask = as_key_mask(context_mask)
-        embed = self._time_embed(timestep, perturbation_time, skip_frames, context, mask, context_len)
+        text = TextContext.of(context, context_mask, context_len, context_rows)
+        embed = self._time_embed(timestep, perturbation_time, skip_frames, text)
         layout = ClipLayout(frames=num_groups) if num_groups is not None else ClipLayout(clips=2)
-        gating = GroupGating(layout, temporal_mask.to(x.dtype)[:, None, None, None])
+        gating = GroupGating(layout, temporal_mask.to(x.dtype)[:, None, None, None], temporal_clips)
 
         x = self.in_layer(x)
         if self.temporal_conv_in is not None:
@@ -311,13 +339,13 @@ class UNetInterpolation(nn.Module):
         skips = []
         last = len(self.down_samples) - 1
         for level, down in enumerate(self.down_samples):
-            x = down(x, embed, context, mask, gating)
+            x = down(x, embed, text, gating)
             if level != last:
                 skips.append(x)
         for level, up in enumerate(self.up_samples):
             if level != 0:
                 x = torch.cat([x, skips.pop()], dim=1)
-            x = up(x, embed, context, mask, gating)
+            x = up(x, embed, text, gating)
         if self.temporal_conv_out is not None:
             x = self.temporal_conv_out(x, gating)
         return self.out_layer(x)

@@ -7,7 +7,9 @@ Attribute names follow the official modules so that ``state_dict`` keys match th
 * only the sinusoidal embeddings and the group norms are computed in float32 (what the official CUDA
   autocast does), everything else runs in the weights' dtype, so a bf16/fp16 module needs no autocast;
 * no Python loops over the batch or frames and no branching on tensor values (export-friendly);
-* no registered buffers, so a model built on the meta device loads with ``assign=True``.
+* no registered buffers, so a model built on the meta device loads with ``assign=True``;
+* text conditioning may come as the distinct contexts of a call plus a row mapping
+  (:class:`ContextRows`), computed once per context and broadcast to the rows (exact).
 """
 
 from __future__ import annotations
@@ -137,33 +139,149 @@ class Attention(nn.Module):
         return self.output_layer(out.transpose(1, 2).flatten(2))
 
 
-class AttentionPolling(nn.Module):
+# --------------------------------------------------------------------------------------------------
+# text conditioning: distinct contexts, broadcast to rows in the graph
+
+
+@dataclass(frozen=True)
+class ContextRows:
+    """Which of K distinct text contexts each row of a batch reads (the stage contract's compact form).
+
+    The rows are ``len(blocks)`` equal consecutive blocks; block b reads context ``blocks[b]`` (the
+    pipeline's guidance branches: [prompt | null] or [prompt | null | null]). Contexts listed in
+    ``constant`` have exactly one valid key (the null context): attention over one key gives that key's
+    value whatever the query (softmax over one key is exactly 1), so a cross-attention's output for their
+    rows is a per-layer constant, and no query, attention or output projection is computed for them.
+    """
+
+    blocks: tuple[int, ...]
+    constant: tuple[int, ...] = ()
+
+    def runs(self, rows: int) -> list[tuple[int, int, int]]:
+        """(start, stop, context) of each run of consecutive rows reading the same context.
+
+        ``rows`` may be symbolic (an exported graph keeps the batch dynamic): the bounds are b * rows
+        // len(blocks), so they stay shape arithmetic.
+        """
+        count = len(self.blocks)
+        out: list[tuple[int, int, int]] = []
+        first = 0
+        for b in range(1, count + 1):
+            if b == count or self.blocks[b] != self.blocks[first]:
+                start = 0 if first == 0 else first * rows // count
+                stop = rows if b == count else b * rows // count
+                out.append((start, stop, self.blocks[first]))
+                first = b
+        return out
+
+    def per_row(self, values: Tensor, rows: int) -> Tensor:
+        """[K, ...] per context -> [rows, ...] per row (a broadcast, not a copy per context)."""
+        parts = [values[k:k + 1].expand(stop - start, *values.shape[1:]) for start, stop, k in self.runs(rows)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+@dataclass(frozen=True)
+class TextContext:
+    """The text conditioning of one U-Net call.
+
+    ``context`` [K, S, D] in the network's dtype, ``mask`` [K, S] bool, ``length`` [K] (the official L for
+    a zero-padded static context, or None), ``rows``: how the batch's rows map to the K contexts; None is
+    the official per-row form (K = batch, row n reads context n).
+    """
+
+    context: Tensor
+    mask: Tensor
+    length: Tensor | None = None
+    rows: ContextRows | None = None
+
+    @staticmethod
+    def of(context: Tensor, context_mask: Tensor, context_len: Tensor | None = None,
+           rows: ContextRows | None = None) -> TextContext:
+        """From a network's forward arguments (an integer mask becomes a boolean key mask)."""
+        return TextContext(context, as_key_mask(context_mask), context_len, rows)
+
+    def signature(self) -> tuple[object, ...]:
+        """What hoisted text values depend on besides the values: shapes, dtype, device, row mapping."""
+        return (tuple(self.context.shape), self.context.dtype, self.context.device.type,
+                None if self.length is None else tuple(self.length.shape), self.rows)
+
+
+class _TextCache:
+    """Hoisted text-only tensors of one block (see :class:`HoistedText`).
+
+    One set of tensors per text signature (shapes, dtype, row mapping), kept for the cache's life: new
+    values of a known signature are copied into its tensors, so the memory a captured CUDA graph reads
+    stays valid and the same across sampler loops (static graph inputs).
+    """
+
+    def __init__(self) -> None:
+        self.signature: tuple[object, ...] | None = None  # the current loop's, None before its first fill
+        self.held: dict[tuple[object, ...], dict[str, Tensor]] = {}
+
+    def get(self, text: TextContext) -> dict[str, Tensor] | None:
+        signature = text.signature()
+        return self.held[signature] if self.signature is not None and self.signature == signature else None
+
+    def put(self, text: TextContext, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        signature = text.signature()
+        held = self.held.get(signature)
+        if held is None or held.keys() != values.keys():
+            held = self.held[signature] = dict(values)
+        else:
+            for key, value in values.items():
+                held[key].copy_(value)
+        self.signature = signature
+        return held
+
+    def invalidate(self) -> None:
+        self.signature = None
+
+
+class _TextHolder(nn.Module):
+    """A block whose text-only work can be hoisted: :meth:`text_work` depends on the text alone."""
+
+    holds_text = True  # False for a block of this class that never sees text (self-attention)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._text_cache: _TextCache | None = None  # installed by HoistedText.loop()
+
+    def text_work(self, text: TextContext) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _text_values(self, text: TextContext) -> dict[str, Tensor]:
+        cache = self._text_cache
+        if cache is None:
+            return self.text_work(text)
+        values = cache.get(text)
+        return values if values is not None else cache.put(text, self.text_work(text))
+
+
+class AttentionPolling(_TextHolder):
     """Adds attention-pooled text to the time embedding; the query is the mean context row.
 
     Official: mean over all L positions (masked zero rows included), so the result depends on L.
-    ``context_len`` (B,) reproduces that mean for a context zero-padded to a static length.
+    ``context_len`` (B,) reproduces that mean for a context zero-padded to a static length. The pooled
+    vector is computed once per distinct context and broadcast to the rows.
     """
 
     def __init__(self, embed_dim: int, context_dim: int, head_dim: int) -> None:
         super().__init__()
         self.attention = Attention(context_dim, embed_dim, context_dim, head_dim)
-        self._text_cache: dict[str, Tensor] | None = None  # see text_constant()
 
-    def forward(self, embed: Tensor, context: Tensor, context_mask: Tensor,
-                context_len: Tensor | None = None) -> Tensor:
-        pooled = None if self._text_cache is None else self._text_cache.get("pooled")
-        if pooled is None or pooled.shape[0] != context.shape[0]:
-            pooled = self._pooled(context, context_mask, context_len)
-            if self._text_cache is not None:
-                self._text_cache["pooled"] = pooled
+    def forward(self, embed: Tensor, text: TextContext) -> Tensor:
+        pooled = self._text_values(text)["pooled"]
+        if text.rows is not None:
+            pooled = text.rows.per_row(pooled, embed.shape[0])
         return embed + pooled
 
-    def _pooled(self, context: Tensor, context_mask: Tensor, context_len: Tensor | None) -> Tensor:
-        if context_len is None:
+    def text_work(self, text: TextContext) -> dict[str, Tensor]:
+        context, length = text.context, text.length
+        if length is None:
             query = context.mean(dim=1, keepdim=True)
         else:
-            query = context.sum(dim=1, keepdim=True) / context_len.to(context.dtype)[:, None, None]
-        return self.attention(query, context, context_mask)[:, 0]
+            query = context.sum(dim=1, keepdim=True) / length.to(context.dtype)[:, None, None]
+        return {"pooled": self.attention(query, context, text.mask)[:, 0]}
 
 
 class FeedForward(nn.Sequential):
@@ -178,10 +296,15 @@ class FeedForward(nn.Sequential):
         )
 
 
-class AttentionBlock(nn.Module):
+class AttentionBlock(_TextHolder):
     """Spatial self-attention (no context) or cross-attention to text, then a feed-forward.
 
     x = x + Attn(CGN_in(x)); x = x + FF(CGN_out(x)); tokens are the H*W positions (row-major).
+
+    Cross-attention with distinct contexts (``text.rows``): keys/values are projected once per context
+    and every block of rows reading the same context attends as one sequence of queries (the broadcast
+    costs nothing); rows of a one-key context (the null context) add the layer's constant
+    output_layer(value of that key) and skip in_norm, query, attention and output projection.
     """
 
     def __init__(self, channels: int, embed_dim: int, context_dim: int | None, groups: int,
@@ -191,45 +314,114 @@ class AttentionBlock(nn.Module):
         self.attention = Attention(channels, channels, context_dim or channels, head_dim)
         self.out_norm = ConditionalGroupNorm(groups, channels, embed_dim)
         self.feed_forward = FeedForward(channels, expansion_ratio)
-        self._text_cache: dict[str, tuple[Tensor, Tensor]] | None = None  # see text_constant()
+        self.holds_text = context_dim is not None
 
-    def forward(self, x: Tensor, embed: Tensor, context: Tensor | None = None,
-                context_mask: Tensor | None = None) -> Tensor:
-        tokens = self.in_norm(x, embed).flatten(2).transpose(1, 2)
-        if context is None:  # self-attention
-            out = self.attention(tokens, tokens)
+    def forward(self, x: Tensor, embed: Tensor, text: TextContext | None = None) -> Tensor:
+        if text is None:  # self-attention
+            tokens = self._tokens(x, embed)
+            x = x + self._to_image(self.attention(tokens, tokens), x)
+        elif text.rows is None:  # official per-row form: context n for row n
+            work = self._text_values(text)
+            out = self.attention.attend(self._tokens(x, embed), work["key"], work["value"], text.mask)
+            x = x + self._to_image(out, x)
         else:
-            out = self.attention.attend(tokens, *self._text_kv(context), context_mask)
-        x = x + out.transpose(1, 2).reshape(x.shape)
+            x = self._cross_by_context(x, embed, text)
         return x + self.feed_forward(self.out_norm(x, embed))
 
-    def _text_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
-        kv = None if self._text_cache is None else self._text_cache.get("kv")
-        if kv is None or kv[0].shape[0] != context.shape[0] or kv[0].shape[2] != context.shape[1]:
-            kv = self.attention.project_kv(context)
-            if self._text_cache is not None:
-                self._text_cache["kv"] = kv
-        return kv
+    def _tokens(self, x: Tensor, embed: Tensor) -> Tensor:
+        return self.in_norm(x, embed).flatten(2).transpose(1, 2)
+
+    @staticmethod
+    def _to_image(tokens: Tensor, like: Tensor) -> Tensor:
+        return tokens.transpose(1, 2).reshape(like.shape)
+
+    def _cross_by_context(self, x: Tensor, embed: Tensor, text: TextContext) -> Tensor:
+        assert text.rows is not None
+        work = self._text_values(text)
+        parts = []
+        for start, stop, k in text.rows.runs(x.shape[0]):
+            rows = x[start:stop]
+            if k in text.rows.constant:
+                parts.append(rows + work[f"constant{k}"][:, :, None, None])
+                continue
+            tokens = self._tokens(rows, embed[start:stop])
+            # All rows of the run attend to the same keys: one sequence of (rows x H*W) queries.
+            out = self.attention.attend(tokens.reshape(1, -1, tokens.shape[-1]), work[f"key{k}"],
+                                        work[f"value{k}"], text.mask[k:k + 1])
+            parts.append(rows + self._to_image(out.reshape(tokens.shape), rows))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def text_work(self, text: TextContext) -> dict[str, Tensor]:
+        """Keys/values of the attended contexts; the constant of each one-key context."""
+        attention = self.attention
+        if text.rows is None:
+            key, value = attention.project_kv(text.context)
+            return {"key": key, "value": value}
+        out = {}
+        for k in sorted(set(text.rows.blocks)):
+            context = text.context[k:k + 1]
+            if k in text.rows.constant:
+                # The one valid key's context row (mask weights 1 there, 0 elsewhere: exact), its value,
+                # and the output projection: what attention returns for every query.
+                row = text.mask[k:k + 1].to(context.dtype)[:, None, :] @ context
+                out[f"constant{k}"] = attention.output_layer(attention.to_value(row))[:, 0]
+            else:
+                out[f"key{k}"], out[f"value{k}"] = attention.project_kv(context)
+        return out
+
+
+def text_holders(network: nn.Module) -> list[_TextHolder]:
+    """The blocks of ``network`` with hoistable text-only work (cross-attention, attention pooling)."""
+    return [m for m in network.modules() if isinstance(m, _TextHolder) and m.holds_text]
+
+
+class HoistedText:
+    """Text-only work of a network (cross-attention keys/values and constants, attention pooling),
+    computed once per sampler loop and read by every step (docs/spec/deployment.md, rewrite 3).
+
+    Inside :meth:`loop`, every text holder of the network reads its values from a cache: filled by
+    :meth:`refresh` or, lazily, by the loop's first call. The caller promises that the text inputs stay
+    the same for the whole loop, as they do for all steps of one sampler loop. The math is unchanged (the
+    same ops on the same inputs). The caches keep their tensors across loops and a refresh copies new
+    values into them, so a CUDA graph captured inside a loop reads them as static inputs: refresh before
+    the loop's first replay.
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        self.holders = text_holders(network)
+        self.caches = [_TextCache() for _ in self.holders]
+        self.active = False
+
+    @contextmanager
+    def loop(self) -> Iterator[HoistedText]:
+        for holder, cache in zip(self.holders, self.caches):
+            if holder._text_cache is not None:
+                raise RuntimeError("text work of this network is already hoisted by another loop")
+            cache.invalidate()
+            holder._text_cache = cache
+        self.active = True
+        try:
+            yield self
+        finally:
+            self.active = False
+            for holder in self.holders:
+                holder._text_cache = None
+
+    def refresh(self, text: TextContext) -> None:
+        """Compute the loop's text values now (eagerly: never inside a graph capture)."""
+        for holder, cache in zip(self.holders, self.caches):
+            cache.put(text, holder.text_work(text))
 
 
 @contextmanager
 def text_constant(network: nn.Module) -> Iterator[None]:
-    """Hoist the text-only work of ``network`` out of a denoising loop (docs/spec/deployment.md, rewrite 3).
+    """Hoist the text-only work of ``network`` out of a denoising loop (lazily, on the first call).
 
-    Inside the block, every cross-attention's keys/values and every attention-pooled text vector are
-    computed on the first call and reused: the caller promises that the text inputs (context, mask,
-    context_len) stay the same, as they do for all steps of one sampler loop. The math is unchanged
-    (the same ops on the same inputs), so outputs are bit-identical. Not for CUDA-graph capture or
-    torch.compile: a replayed graph would keep reading the first request's cached tensors.
+    Not for torch.compile (a compiled graph would keep the first request's tensors); for CUDA graphs use
+    :class:`HoistedText` with an explicit refresh before each loop.
     """
-    holders = [m for m in network.modules() if isinstance(m, (AttentionBlock, AttentionPolling))]
-    for module in holders:
-        module._text_cache = {}
-    try:
+    with HoistedText(network).loop():
         yield
-    finally:
-        for module in holders:
-            module._text_cache = None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -25,13 +25,14 @@ from kvt.models.unet_layers import (
     AttentionPolling,
     ClipLayout,
     ConditionalGroupNorm,
+    ContextRows,
     EmbedMLP,
     FeedForward,
     LevelPlan,
     OutLayer,
     Resample,
     ResNetBlock,
-    as_key_mask,
+    TextContext,
     conv_over_time,
     frames_to_sequences,
     sequences_to_frames,
@@ -127,20 +128,20 @@ class _Unit(nn.ModuleList):
         ])
         self.has_cross_attention = cross_attention is not None
 
-    def _cross(self, x: Tensor, embed: Tensor, context: Tensor, mask: Tensor) -> Tensor:
-        return self[1](x, embed, context, mask) if self.has_cross_attention else x
+    def _cross(self, x: Tensor, embed: Tensor, text: TextContext) -> Tensor:
+        return self[1](x, embed, text) if self.has_cross_attention else x
 
 
 class DownUnit(_Unit):
     """ResNet -> [temporal ResNet] -> cross attention -> ResNet (maybe downsampling) -> [temporal ResNet]."""
 
-    def forward(self, x: Tensor, embed: Tensor, context: Tensor, mask: Tensor,
+    def forward(self, x: Tensor, embed: Tensor, text: TextContext,
                 video: VideoConditioning | None) -> Tensor:
         in_resnet, _, out_resnet, in_temporal, out_temporal = self
         x = in_resnet(x, embed)
         if video is not None:
             x = in_temporal(x, video)
-        x = self._cross(x, embed, context, mask)
+        x = self._cross(x, embed, text)
         x = out_resnet(x, embed)
         if video is not None:
             x = out_temporal(x, video)
@@ -153,13 +154,13 @@ class UpUnit(_Unit):
     The first temporal ResNet runs before the upsampling ResNet, i.e. at the lower resolution.
     """
 
-    def forward(self, x: Tensor, embed: Tensor, context: Tensor, mask: Tensor,
+    def forward(self, x: Tensor, embed: Tensor, text: TextContext,
                 video: VideoConditioning | None) -> Tensor:
         in_resnet, _, out_resnet, in_temporal, out_temporal = self
         if video is not None:
             x = in_temporal(x, video)
         x = in_resnet(x, embed)
-        x = self._cross(x, embed, context, mask)
+        x = self._cross(x, embed, text)
         if video is not None:
             x = out_temporal(x, video)
         return out_resnet(x, embed)
@@ -201,14 +202,14 @@ class DownLevel(nn.Module):
                                   _temporal_resnet(b, cfg), _temporal_resnet(b, cfg)))
         self.resnet_attn_blocks = nn.ModuleList(units)
 
-    def forward(self, x: Tensor, embed: Tensor, context: Tensor, mask: Tensor,
+    def forward(self, x: Tensor, embed: Tensor, text: TextContext,
                 video: VideoConditioning | None) -> Tensor:
         if self.self_attention_block is not None:
             x = self.self_attention_block(x, embed)
         if self.temporal_attention_block is not None and video is not None:
             x = self.temporal_attention_block(x, video)
         for unit in self.resnet_attn_blocks:
-            x = unit(x, embed, context, mask, video)
+            x = unit(x, embed, text, video)
         return x
 
 
@@ -231,10 +232,10 @@ class UpLevel(nn.Module):
                                          if plan.self_attention else None)
         self.self_attention_block = _attention_block(cout, cfg, None) if plan.self_attention else None
 
-    def forward(self, x: Tensor, embed: Tensor, context: Tensor, mask: Tensor,
+    def forward(self, x: Tensor, embed: Tensor, text: TextContext,
                 video: VideoConditioning | None) -> Tensor:
         for unit in self.resnet_attn_blocks:
-            x = unit(x, embed, context, mask, video)
+            x = unit(x, embed, text, video)
         if self.temporal_attention_block is not None and video is not None:
             x = self.temporal_attention_block(x, video)
         if self.self_attention_block is not None:
@@ -264,64 +265,65 @@ class UNetT2V(nn.Module):
 
     # ---------------------------------------------------------------------------------------------
 
-    def _time_embed(self, timestep: Tensor, context: Tensor, context_mask: Tensor,
-                    context_len: Tensor | None) -> Tensor:
+    def _time_embed(self, timestep: Tensor, text: TextContext) -> Tensor:
         embed = self.to_time_embed(timestep)
-        return self.feature_pooling(embed, context, context_mask, context_len)
+        return self.feature_pooling(embed, text)
 
-    def _unet(self, x: Tensor, embed: Tensor, context: Tensor, context_mask: Tensor,
-              video: VideoConditioning | None) -> Tensor:
+    def _unet(self, x: Tensor, embed: Tensor, text: TextContext, video: VideoConditioning | None) -> Tensor:
         skips = []
         last = len(self.down_samples) - 1
         for level, down in enumerate(self.down_samples):
-            x = down(x, embed, context, context_mask, video)
+            x = down(x, embed, text, video)
             if level != last:
                 skips.append(x)
         for level, up in enumerate(self.up_samples):
             if level != 0:
                 x = torch.cat([x, skips.pop()], dim=1)
-            x = up(x, embed, context, context_mask, video)
+            x = up(x, embed, text, video)
         return self.out_layer(x)
 
     def forward_image(self, x: Tensor, timestep: Tensor, context: Tensor, context_mask: Tensor,
-                      context_len: Tensor | None = None) -> Tensor:
+                      context_len: Tensor | None = None, context_rows: ContextRows | None = None) -> Tensor:
         """Key-frame (image) mode: ``image_in_layer``, spatial layers only.
 
-        x (B, C_in, H, W); timestep (B,) any numeric dtype; context (B, L, D); context_mask (B, L) bool
-        or integer (nonzero = valid); context_len (B,) float, only for a zero-padded static context.
-        Returns epsilon (B, C_out, H, W).
+        x (B, C_in, H, W); timestep (B,) any numeric dtype; context (K, L, D); context_mask (K, L) bool
+        or integer (nonzero = valid); context_len (K,) float, only for a zero-padded static context;
+        context_rows: which context each row reads (None: K = B, one context per row, the official
+        form). Returns epsilon (B, C_out, H, W).
         """
-        mask = as_key_mask(context_mask)
-        embed = self._time_embed(timestep, context, mask, context_len)
-        return self._unet(self.image_in_layer(x), embed, context, mask, None)
+        text = TextContext.of(context, context_mask, context_len, context_rows)
+        embed = self._time_embed(timestep, text)
+        return self._unet(self.image_in_layer(x), embed, text, None)
 
     def forward_video(self, x: Tensor, timestep: Tensor, context: Tensor, context_mask: Tensor,
                       frame_index: Tensor, noise_aug: Tensor | None, motion_score: Tensor | None,
-                      num_frames: int, context_len: Tensor | None = None) -> Tensor:
+                      num_frames: int, context_len: Tensor | None = None,
+                      context_rows: ContextRows | None = None) -> Tensor:
         """Base-frame (video) mode: ``in_layer`` and the temporal layers.
 
         The batch is k clips of ``num_frames`` contiguous frames (B = k * num_frames); frame_index,
         noise_aug (noise-augmentation timestep) and motion_score are (B,) in any numeric dtype. As in
         the official code, a None noise_aug / motion_score (or a config without that encoder) skips it.
+        Text inputs as in :meth:`forward_image`.
         """
-        mask = as_key_mask(context_mask)
-        embed = self._time_embed(timestep, context, mask, context_len)
+        text = TextContext.of(context, context_mask, context_len, context_rows)
+        embed = self._time_embed(timestep, text)
         temporal = self.to_temporal_embed(frame_index)
         if self.temporal_noise_aug_time_encoding is not None and noise_aug is not None:
             temporal = temporal + self.temporal_noise_aug_time_encoding(noise_aug)
         if self.temporal_motion_score_encoding is not None and motion_score is not None:
             temporal = temporal + self.temporal_motion_score_encoding(motion_score)
         video = VideoConditioning(embed + temporal, ClipLayout(frames=num_frames))
-        return self._unet(self.in_layer(x), embed, context, mask, video)
+        return self._unet(self.in_layer(x), embed, text, video)
 
     def forward(self, x: Tensor, timestep: Tensor, context: Tensor, context_mask: Tensor,
                 frame_index: Tensor | None = None, noise_aug: Tensor | None = None,
                 motion_score: Tensor | None = None, num_frames: int | None = None,
-                context_len: Tensor | None = None) -> Tensor:
+                context_len: Tensor | None = None, context_rows: ContextRows | None = None) -> Tensor:
         """Video mode when ``frame_index`` is given (then ``num_frames`` is required), else image mode."""
         if frame_index is None:
-            return self.forward_image(x, timestep, context, context_mask, context_len)
+            return self.forward_image(x, timestep, context, context_mask, context_len, context_rows)
         if num_frames is None:
             raise ValueError("num_frames is required when frame_index is given (video mode)")
         return self.forward_video(x, timestep, context, context_mask, frame_index, noise_aug,
-                                  motion_score, num_frames, context_len)
+                                  motion_score, num_frames, context_len, context_rows)

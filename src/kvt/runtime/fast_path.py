@@ -13,10 +13,13 @@ their outputs:
   and MoVQs, and the prompt re-encoded by every loop that uses it (the official code runs T5 2-4 times
   per video with identical results).
 
-The text-only work of the U-Nets (cross-attention keys/values, attention pooling) is hoisted out of each
-sampler loop (``hoist_text``, via :func:`kvt.models.unet_layers.text_constant` and the backend's
-``loop_scope``): computed at the loop's first step and reused, which is exact. It is off under CUDA
-graphs and torch.compile, where a replayed graph would keep the first request's cached tensors.
+The text-only work of the U-Nets (cross-attention keys/values and the null rows' constants, attention
+pooling, all on the two distinct contexts) is hoisted out of each sampler loop (``hoist_text``, via
+:class:`kvt.models.unet_layers.HoistedText` and the backend's ``loop_scope``): computed once before the
+loop's first step and reused, which is exact. Under CUDA graphs the hoisted tensors are static graph
+inputs: they keep their memory across loops and each loop copies its values in before the first replay.
+It stays off under torch.compile, whose compiled graph would keep the first request's tensors.
+The baseline runs the stage modules without the cuts (``cuts=False``: the official per-row form).
 """
 
 from __future__ import annotations
@@ -24,38 +27,68 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
 
 from kvt.contract.stages import StageTable
+from kvt.models.attention_kernels import KERNELS, movq_attention_kernel
 from kvt.models.model_set import KandinskyVideoModels, Precision
+from kvt.models.norms import native_group_norm
 from kvt.models.registry import networks_of_family
-from kvt.models.unet_layers import text_constant
+from kvt.models.stage_modules import UNetStage, stage_module
+from kvt.models.unet_layers import HoistedText
 from kvt.runtime.backends.torch_backend import TorchBackend
+from kvt.runtime.images import psnr_db, to_uint8_tensor
 from kvt.runtime.loading import default_size_for as _default_size_for
 from kvt.runtime.pipeline import KandinskyVideoPipeline, PromptContext
+
+MEMORY_FORMATS = ("contiguous", "channels_last")
+_MEMORY_FORMAT = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 @dataclass(frozen=True)
 class FastPathOptions:
-    """Switches of the fast path. ``None`` means: on for CUDA, off for CPU (where it does not help)."""
+    """Switches of the fast path. ``None`` means: on for CUDA, off for CPU (where it does not help).
+
+    Every GPU-hygiene switch can be flipped on its own, so a benchmark can A/B it (``kvt bench headline``).
+    """
 
     unet_dtype: torch.dtype | None = None  # float16 on CUDA, float32 on CPU
     text_encoder_dtype: torch.dtype | None = None  # bfloat16 on CUDA (changes outputs slightly)
     movq_dtype: torch.dtype = torch.float32  # FP16 MoVQs change outputs; opt-in only
-    channels_last: bool | None = None
+    # Convolution weight layout of the U-Nets and MoVQs: True channels-last, False NCHW, "auto" measured
+    # per network on its first call (both layouts timed, the faster kept). None: "auto" on CUDA, else NCHW.
+    channels_last: bool | str | None = None
     cuda_graphs: bool | None = None
     # The fixed-shape calls captured as CUDA graphs; None = the stage table's loop stages.
     graph_stages: tuple[str, ...] | None = None
     compile: bool = False
     compile_mode: str | None = None  # torch.compile mode; None = torch's default
     # Text-only work (cross-attention K/V, attention pooling) computed once per sampler loop; exact.
-    # None = on unless CUDA graphs or torch.compile are (a captured graph would keep stale K/V).
+    # Works with CUDA graphs (static graph inputs). None = on unless torch.compile is (a compiled graph
+    # would keep the first request's tensors).
     hoist_text: bool | None = None
+    # GroupNorm on CUDA half/bfloat16 inputs without the explicit float32 round trip (kvt.models.norms).
+    native_group_norm: bool | None = None
+    # torch.backends.cudnn.benchmark around every call (so autotuning happens in the CUDA-graph warm-up,
+    # before capture).
+    cudnn_benchmark: bool | None = None
+    # Kernel of the MoVQs' single-head attention (kvt.models.attention_kernels): "sdpa", "math" or "auto"
+    # (measured per shape). None: "auto" on CUDA, "sdpa" on CPU.
+    movq_attention: str | None = None
+    # Opt-in reduced precision for the video MoVQ decoder (e.g. torch.bfloat16): used only if the first
+    # decoded chunk is within video_movq_min_psnr_db of the movq_dtype decoder (else it falls back).
+    video_movq_dtype: torch.dtype | None = None
+    video_movq_min_psnr_db: float = 40.0
+    # The exact cuts of the U-Net stages (kvt.models.stage_modules.UNetStage); False: the official
+    # per-row form, for A/B only.
+    cuts: bool = True
 
     def resolved(self, device: torch.device) -> FastPathOptions:
         """The options with every ``None`` replaced by the choice for ``device``."""
@@ -63,16 +96,23 @@ class FastPathOptions:
         if self.cuda_graphs and not cuda:
             raise ValueError(f"cuda_graphs=True needs a CUDA device, the models are on {device}")
         graphs = cuda if self.cuda_graphs is None else self.cuda_graphs
-        if self.hoist_text and (graphs or self.compile):
-            raise ValueError("hoist_text=True cannot be combined with CUDA graphs or torch.compile: a captured "
-                             "graph would replay the first request's cached text keys/values")
+        if self.hoist_text and self.compile:
+            raise ValueError("hoist_text=True cannot be combined with torch.compile: a compiled graph would "
+                             "keep reading the first request's cached text keys/values")
+        if self.channels_last not in (None, True, False, "auto"):
+            raise ValueError(f"channels_last={self.channels_last!r}: allowed True, False, 'auto' or None")
+        if self.movq_attention not in (None, *KERNELS):
+            raise ValueError(f"movq_attention={self.movq_attention!r}: allowed {', '.join(KERNELS)} or None")
         return dataclasses.replace(
             self,
             unet_dtype=self.unet_dtype or (torch.float16 if cuda else torch.float32),
             text_encoder_dtype=self.text_encoder_dtype or (torch.bfloat16 if cuda else torch.float32),
-            channels_last=cuda if self.channels_last is None else self.channels_last,
+            channels_last=("auto" if cuda else False) if self.channels_last is None else self.channels_last,
             cuda_graphs=graphs,
-            hoist_text=(not graphs and not self.compile) if self.hoist_text is None else self.hoist_text,
+            hoist_text=(not self.compile) if self.hoist_text is None else self.hoist_text,
+            native_group_norm=cuda if self.native_group_norm is None else self.native_group_norm,
+            cudnn_benchmark=cuda if self.cudnn_benchmark is None else self.cudnn_benchmark,
+            movq_attention=("auto" if cuda else "sdpa") if self.movq_attention is None else self.movq_attention,
         )
 
 
@@ -112,8 +152,8 @@ def converted_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def to_channels_last_(module: nn.Module) -> nn.Module:
-    """Put every 2D convolution's weight in channels-last layout (values unchanged, in place).
+def to_memory_format_(module: nn.Module, memory_format: torch.memory_format) -> nn.Module:
+    """Put every 2D convolution's weight in ``memory_format`` (values unchanged, in place).
 
     ``Module.to(memory_format=...)`` would also try the 5D Conv3d weights of the temporal layers, which
     have no channels-last layout of rank 4, so the 2D convolutions are converted one by one.
@@ -121,8 +161,38 @@ def to_channels_last_(module: nn.Module) -> nn.Module:
     with torch.no_grad():
         for sub in module.modules():
             if isinstance(sub, (nn.Conv2d, nn.ConvTranspose2d)):
-                sub.weight.data = sub.weight.data.contiguous(memory_format=torch.channels_last)
+                sub.weight.data = sub.weight.data.contiguous(memory_format=memory_format)
     return module
+
+
+def to_channels_last_(module: nn.Module) -> nn.Module:
+    """Channels-last 2D convolution weights (see :func:`to_memory_format_`)."""
+    return to_memory_format_(module, torch.channels_last)
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(enabled: bool) -> Iterator[None]:
+    """``torch.backends.cudnn.benchmark`` set for the block, restored after."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+def seconds_per_call(fn: Callable[[], object], device: torch.device, iterations: int = 3, warmup: int = 1) -> float:
+    """Mean wall seconds of ``fn()`` after ``warmup`` calls (synchronising a GPU around the timed calls)."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / iterations
 
 
 class CudaGraphCall:
@@ -163,30 +233,43 @@ def _shape_key(stage: str, inputs: Mapping[str, torch.Tensor]) -> tuple[object, 
 class FastTorchBackend(TorchBackend):
     """The torch backend with the fast-path switches of :class:`FastPathOptions`.
 
-    ``channels_last`` converts the convolution weights of the U-Nets and MoVQs in place (their values do
-    not change, so a baseline sharing the networks still computes the same numbers, in another layout).
+    Layout changes convert the convolution weights of the U-Nets and MoVQs in place (their values do not
+    change, so a baseline sharing the networks still computes the same numbers, in another layout).
+    What the backend measured and chose is in :attr:`memory_formats` and :attr:`video_decoder_gate`.
     """
 
     name = "torch-fast"
 
     def __init__(self, models: KandinskyVideoModels, options: FastPathOptions = FastPathOptions(),
                  table: StageTable | None = None, validate: bool = True) -> None:
-        super().__init__(models, table, validate)
+        super().__init__(models, table, validate, cuts=options.cuts)
         self.options = options.resolved(self.device)
-        if self.options.channels_last:
+        # network -> {"chosen": "channels_last" | "contiguous", "ms": {format: ms per call} (auto only)}
+        self.memory_formats: dict[str, dict[str, Any]] = {}
+        if self.options.channels_last in (True, False):
+            chosen = "channels_last" if self.options.channels_last else "contiguous"
             for network in networks_of_family("unet") + networks_of_family("movq"):
-                to_channels_last_(getattr(models, network))
+                to_memory_format_(getattr(models, network), _MEMORY_FORMAT[chosen])
+                self.memory_formats[network] = {"chosen": chosen}
         self._callables: dict[str, Callable[..., Any]] = {}
         for stage, module in self.modules.items():
             self._callables[stage] = (torch.compile(module, mode=self.options.compile_mode, dynamic=False)
                                       if self.options.compile and stage in self.table.loop_stages else module)
         self._graphs: dict[tuple[object, ...], CudaGraphCall] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.options.cuda_graphs else None
+        # Per loop stage: its network's hoisted text tensors (kept across loops: static graph inputs).
+        self._hoisted = {stage: HoistedText(module.network) for stage, module in self.modules.items()
+                         if stage in self.table.loop_stages and isinstance(module, UNetStage)}
+        self._refreshed: set[str] = set()
+        self.video_decoder_gate: dict[str, Any] | None = None  # the reduced-precision decoder's check
+
+    def _channels_last(self, stage: str) -> bool:
+        return self.memory_formats.get(self.table[stage].network, {}).get("chosen") == "channels_last"
 
     def _eager(self, stage: str) -> Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]:
         spec = self.table[stage]
         fn = self._callables[stage]
-        layout_input = spec.layout_input if self.options.channels_last else None
+        layout_input = spec.layout_input if self._channels_last(stage) else None
 
         def call(inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             args = []
@@ -201,22 +284,96 @@ class FastTorchBackend(TorchBackend):
 
         return call
 
+    @contextlib.contextmanager
+    def switches(self) -> Iterator[None]:
+        """The process-wide switches of the options, set around each call and restored after."""
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(native_group_norm(bool(self.options.native_group_norm)))
+            stack.enter_context(movq_attention_kernel(str(self.options.movq_attention)))
+            if self.device.type == "cuda":
+                stack.enter_context(cudnn_benchmark(bool(self.options.cudnn_benchmark)))
+            yield
+
     @torch.inference_mode()
     def _run(self, stage: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with self.switches():
+            return self._run_switched(stage, inputs)
+
+    def _run_switched(self, stage: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        spec = self.table[stage]
+        if (self.options.channels_last == "auto" and spec.layout_input is not None
+                and spec.network not in self.memory_formats):
+            self._measure_memory_format(stage, inputs)
+        if stage == "video_movq_decoder" and self.options.video_movq_dtype is not None \
+                and self.video_decoder_gate is None:
+            return self._gate_video_decoder(stage, inputs)
+        hoisted = self._hoisted.get(stage)
+        hoisting = hoisted is not None and hoisted.active
+        if hoisting and stage not in self._refreshed:
+            # The loop's text work, once, eagerly (outside any graph): the values every step reads.
+            assert hoisted is not None
+            module = cast(UNetStage, self.modules[stage])
+            hoisted.refresh(module.text_context(inputs["context"], inputs["context_mask"], inputs["context_len"],
+                                                inputs["sample"].shape[0]))
+            self._refreshed.add(stage)
         graph_stages = self.options.graph_stages if self.options.graph_stages is not None else self.table.loop_stages
         if not (self.options.cuda_graphs and stage in graph_stages):
             return self._eager(stage)(inputs)
-        key = _shape_key(stage, inputs)
+        # A graph captured inside a loop reads the hoisted tensors; one captured outside computes them.
+        key = (hoisting,) + _shape_key(stage, inputs)
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._graphs[key] = CudaGraphCall(self._eager(stage), inputs, pool=self._pool)
         return graph(inputs)
 
+    def _measure_memory_format(self, stage: str, inputs: Mapping[str, torch.Tensor]) -> None:
+        """Time ``stage`` with its network's convolution weights in each layout; keep the faster."""
+        network = self.table[stage].network
+        module = getattr(self.models, network)
+        timings = {}
+        for name in MEMORY_FORMATS:
+            to_memory_format_(module, _MEMORY_FORMAT[name])
+            self.memory_formats[network] = {"chosen": name}
+            timings[name] = seconds_per_call(functools.partial(self._eager(stage), inputs), self.device)
+        chosen = min(timings, key=lambda name: timings[name])
+        to_memory_format_(module, _MEMORY_FORMAT[chosen])
+        self.memory_formats[network] = {"chosen": chosen, "measured_on": stage,
+                                        "ms": {n: 1e3 * t for n, t in timings.items()}}
+
+    def _gate_video_decoder(self, stage: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Decode the first chunk with both decoders; keep the reduced-precision one if its frames are
+        within ``video_movq_min_psnr_db`` of the reference decoder's (uint8 frames, PSNR)."""
+        dtype = self.options.video_movq_dtype
+        assert dtype is not None
+        reference = self._eager(stage)(inputs)
+        network = converted_copy(self.models.video_movq, dtype)
+        previous = self._callables[stage]
+        self._callables[stage] = stage_module(stage, network)
+        candidate = self._eager(stage)(inputs)
+        psnr = psnr_db(to_uint8_tensor(candidate["frames"]), to_uint8_tensor(reference["frames"]))
+        passed = psnr >= self.options.video_movq_min_psnr_db
+        self.video_decoder_gate = {"dtype": str(dtype).replace("torch.", ""), "psnr_db": psnr,
+                                   "min_psnr_db": self.options.video_movq_min_psnr_db, "passed": passed,
+                                   "frames": int(inputs["latent"].shape[0])}
+        if not passed:
+            self._callables[stage] = previous
+            return reference
+        return candidate
+
     def loop_scope(self, stage: str) -> contextlib.AbstractContextManager[None]:
-        """Hoist the text-only work of ``stage``'s U-Net out of the loop (exact; see text_constant)."""
-        if not self.options.hoist_text or stage not in self.modules:
+        """Hoist the text-only work of ``stage``'s U-Net out of the loop (exact; see HoistedText)."""
+        if not self.options.hoist_text or stage not in self._hoisted:
             return contextlib.nullcontext()
-        return text_constant(self.modules[stage])
+        return self._hoisting(stage)
+
+    @contextlib.contextmanager
+    def _hoisting(self, stage: str) -> Iterator[None]:
+        with self._hoisted[stage].loop():
+            self._refreshed.discard(stage)
+            try:
+                yield
+            finally:
+                self._refreshed.discard(stage)
 
     @property
     def captured_graphs(self) -> int:
@@ -280,12 +437,14 @@ def _pipeline(cls: type[_Pipeline], backend: TorchBackend, models: KandinskyVide
                _default_size_for(models.config))
 
 
-def build_baseline_pipeline(models: KandinskyVideoModels, validate: bool = True) -> OfficialStylePipeline:
-    """Official-style run: U-Nets FP16 + autocast on CUDA (FP32 on CPU), T5 and MoVQs FP32."""
+def build_baseline_pipeline(models: KandinskyVideoModels, validate: bool = True,
+                            text_encoder: torch.dtype = torch.float32) -> OfficialStylePipeline:
+    """Official-style run: U-Nets FP16 + autocast on CUDA (FP32 on CPU), T5 and MoVQs FP32 (the T5 in
+    ``text_encoder`` where the device cannot hold a second, float32 copy beside the fast path's)."""
     cuda = next(models.unet_t2v.parameters()).device.type == "cuda"
     models = models_with_precision(models, unet=torch.float16 if cuda else torch.float32,
-                                   text_encoder=torch.float32, movq=torch.float32)
-    return _pipeline(OfficialStylePipeline, OfficialStyleBackend(models, validate=validate), models)
+                                   text_encoder=text_encoder, movq=torch.float32)
+    return _pipeline(OfficialStylePipeline, OfficialStyleBackend(models, validate=validate, cuts=False), models)
 
 
 def build_fast_pipeline(models: KandinskyVideoModels, options: FastPathOptions = FastPathOptions(),

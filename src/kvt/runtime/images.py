@@ -7,6 +7,7 @@ to RGB and mapped back to [-1, 1]. A torch resize is not equivalent, so Pillow d
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,22 @@ class ImageInputError(UserError):
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 
 
-def to_uint8(images: torch.Tensor) -> npt.NDArray[np.uint8]:
-    """[N, 3, H, W] decoder output -> [N, H, W, 3] uint8: clip((x + 1) / 2) x 255, truncated."""
+def to_uint8_tensor(images: torch.Tensor) -> torch.Tensor:
+    """[N, 3, H, W] decoder output -> [N, H, W, 3] uint8 on the same device: clip((x + 1) / 2) x 255,
+    truncated (quirk 30)."""
     pixels = torch.clip((images.float() + 1.0) / 2.0, 0.0, 1.0).mul(255.0)
-    return pixels.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return pixels.to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def to_uint8(images: torch.Tensor) -> npt.NDArray[np.uint8]:
+    """:func:`to_uint8_tensor`, copied to the host as numpy."""
+    return to_uint8_tensor(images).cpu().numpy()
+
+
+def psnr_db(candidate: torch.Tensor, reference: torch.Tensor) -> float:
+    """PSNR in dB of two uint8 images of the same shape (inf when identical)."""
+    mse = float(((candidate.double() - reference.double()) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
 
 
 def key_frame_pixels(image: Image.Image, width: int, height: int) -> torch.Tensor:

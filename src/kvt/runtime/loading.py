@@ -66,8 +66,10 @@ class PipelineSource:
 
     @classmethod
     def preset(cls, name: str = "tiny", seed: int = 0, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> PipelineSource:
-        return cls("preset", preset_name=name, seed=seed, options={"device": device, "dtype": dtype})
+               dtype: torch.dtype | None = None, init_on_device: bool = False) -> PipelineSource:
+        """``init_on_device``: draw the random weights on ``device`` (see random_models)."""
+        return cls("preset", preset_name=name, seed=seed,
+                   options={"device": device, "dtype": dtype, "init_on_device": init_on_device})
 
     @classmethod
     def checkpoint(cls, path: str | Path, text_encoder_dir: str | Path | None = None,
@@ -216,7 +218,7 @@ def open_models(source: PipelineSource) -> KandinskyVideoModels:
     unet = options.get("dtype") or default_unet_dtype(device)
     if source.kind == "preset":
         return random_models(get_preset(source.preset_name), seed=source.seed, device=device,
-                             precision=Precision(unet=unet))
+                             precision=Precision(unet=unet), init_on_device=bool(options.get("init_on_device")))
     if source.kind == "checkpoint":
         precision = Precision(unet=unet, text_encoder=options.get("text_encoder_dtype", torch.float32),
                               movq=options.get("movq_dtype", torch.float32))

@@ -2,7 +2,8 @@
 
 Flow of one request (docs/spec/README.md, sampling.md)::
 
-    prompt -> [text_encoder] once -> context (static length) + context_len
+    prompt -> [text_encoder] once -> context (static length) + context_len; U-Net stages get the prompt
+    and null contexts once per call, never a copy per row
     no image: loop A [unet_t2v_image] x steps -> [movq_decoder] -> uint8 key frame (2H x 2W)
     key frame (generated or the user's) -> Pillow resize/crop -> [movq_encoder] -> latent
     loop B [unet_t2v_video] x steps, 3-way guidance -> 12 base frames
@@ -36,12 +37,19 @@ from kvt.contract.errors import CancelledError, TimedOutError
 from kvt.contract.plan import request_total_steps, video_decode_chunks
 from kvt.contract.profiles import coverage, unserved_calls
 from kvt.contract.request import GenerationRequest, InvalidRequestError, _short, validate_request
-from kvt.contract.stages import INTERPOLATION_PASSES, LATENT_CHANNELS, NUM_BASE_FRAMES, StageTable, context_length
+from kvt.contract.stages import (
+    INTERPOLATION_PASSES,
+    LATENT_CHANNELS,
+    NUM_BASE_FRAMES,
+    TEXT_CONTEXTS,
+    StageTable,
+    context_length,
+)
 from kvt.models.model_set import KandinskyVideoModels
 from kvt.models.text_encoder import PromptTokenizer, TokenizedPrompt
 from kvt.runtime import guidance
 from kvt.runtime.backends.base import StageBackend
-from kvt.runtime.images import image_from_array, key_frame_pixels, load_image, to_uint8
+from kvt.runtime.images import image_from_array, key_frame_pixels, load_image, to_uint8, to_uint8_tensor
 from kvt.runtime.loading import PipelineParts, PipelineSource, open_parts, parts_from_models
 from kvt.runtime.noise import NoiseSource, SeededNoise
 from kvt.runtime.schedulers import Sampler, base_frame_sampler, interpolation_sampler, key_frame_sampler
@@ -156,6 +164,9 @@ class _Progress:
 
 class KandinskyVideoPipeline:
     """Text-to-video and image-to-video generation over a :class:`StageBackend`."""
+
+    # Video decode keeps each chunk's uint8 frames on the device and copies once (False: per chunk).
+    decode_on_device = True
 
     def __init__(
         self,
@@ -383,18 +394,17 @@ class KandinskyVideoPipeline:
         mask[:, 0] = True
         return context, mask
 
-    def _rows(self, text: PromptContext, null_embedding: torch.Tensor,
-              layout: tuple[tuple[str, int], ...]) -> dict[str, torch.Tensor]:
-        """Context inputs for a batch laid out as consecutive (branch, rows) blocks."""
+    def _text_inputs(self, text: PromptContext, null_embedding: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The text inputs of a U-Net stage call: the distinct contexts (TEXT_CONTEXTS: the prompt, the
+        null context), once per call; the stage's ``text_rows`` say which rows read which, and every
+        loop below lays its rows out in that branch order."""
         null_context, null_mask = self._null_context(null_embedding, text)
         sources = {"prompt": (text.context, text.mask), "null": (null_context, null_mask)}
-        contexts = [sources[branch][0].expand(rows, -1, -1) for branch, rows in layout]
-        masks = [sources[branch][1].expand(rows, -1) for branch, rows in layout]
-        rows = sum(n for _, n in layout)
         return {
-            "context": torch.cat(contexts),
-            "context_mask": torch.cat(masks),
-            "context_len": torch.full((rows,), float(text.length), device=self.device),
+            "context": torch.cat([sources[name][0] for name in TEXT_CONTEXTS]),
+            "context_mask": torch.cat([sources[name][1] for name in TEXT_CONTEXTS]),
+            # The prompt's L for the null context too (quirk 1: official pooling over L positions).
+            "context_len": torch.full((len(TEXT_CONTEXTS),), float(text.length), device=self.device),
         }
 
     @torch.inference_mode()
@@ -405,7 +415,7 @@ class KandinskyVideoPipeline:
         sampler = key_frame_sampler(steps)
         shape = (1, LATENT_CHANNELS, height // 4, width // 4)
         x = noise.randn(shape, torch.float32, self.device)
-        inputs = self._rows(text, self.t2v_null_embedding, (("prompt", 1), ("null", 1)))
+        inputs = self._text_inputs(text, self.t2v_null_embedding)  # rows [prompt | null]
         # [x_t | condition (zeros) | mask (zeros)] for both rows; only x_t changes per step.
         inputs["sample"] = torch.zeros((2, 2 * LATENT_CHANNELS + 1) + shape[2:], device=self.device)
         inputs["timestep"] = torch.zeros(2, device=self.device)
@@ -444,8 +454,7 @@ class KandinskyVideoPipeline:
         noisy_key = sampler.add_noise(key_latent, uniform, noise_augmentation)
 
         rows = 3 * frames
-        inputs = self._rows(text, self.t2v_null_embedding,
-                            (("prompt", frames), ("null", frames), ("null", frames)))
+        inputs = self._text_inputs(text, self.t2v_null_embedding)  # rows [prompt | null | null] x 12
         sample = torch.zeros((3, frames, 2 * LATENT_CHANNELS + 1, h, w), device=self.device)
         # Branches full and image-only carry the noisy key frame on frame 0 (mask 1); uncond: zeros.
         sample[:2, 0, LATENT_CHANNELS:2 * LATENT_CHANNELS] = noisy_key
@@ -473,7 +482,7 @@ class KandinskyVideoPipeline:
         groups = frames.shape[0] - 1
         h, w = frames.shape[-2:]
         x = noise.randn((groups, 3 * LATENT_CHANNELS, h, w), torch.float32, self.device)
-        inputs = self._rows(text, self.interpolation_null_embedding, (("prompt", groups), ("null", groups)))
+        inputs = self._text_inputs(text, self.interpolation_null_embedding)  # rows [prompt | null] x G
         # [left | x_t (3 frames) | right]; the unconditional half has zero neighbours.
         sample = torch.zeros((2, groups, 5 * LATENT_CHANNELS, h, w), device=self.device)
         sample[0, :, :LATENT_CHANNELS] = frames[:-1]
@@ -496,14 +505,22 @@ class KandinskyVideoPipeline:
 
     @torch.inference_mode()
     def decode_video(self, latents: torch.Tensor) -> npt.NDArray[np.uint8]:
-        """Video MoVQ decode in the official chunks (``chunk(T // 4)``) -> uint8 [T, H, W, 3]."""
-        out = []
+        """Video MoVQ decode in the official chunks (``chunk(T // 4)``) -> uint8 [T, H, W, 3].
+
+        With ``decode_on_device`` (default) the uint8 frames stay on the device and are copied to the
+        host once at the end, so a GPU never waits for the host between chunks."""
+        on_device: list[torch.Tensor] = []
+        on_host: list[npt.NDArray[np.uint8]] = []
         start = 0
         for size in video_decode_chunks(latents.shape[0]):
             chunk = latents[start:start + size].float().contiguous()
-            out.append(to_uint8(self.backend.run("video_movq_decoder", {"latent": chunk})["frames"]))
+            frames = self.backend.run("video_movq_decoder", {"latent": chunk})["frames"]
+            if self.decode_on_device:
+                on_device.append(to_uint8_tensor(frames))
+            else:
+                on_host.append(to_uint8(frames))
             start += size
-        return np.concatenate(out)
+        return torch.cat(on_device).cpu().numpy() if self.decode_on_device else np.concatenate(on_host)
 
     # ------------------------------------------------------------------ the one loop
 

@@ -16,12 +16,14 @@ class TorchBackend(StageBackend):
     name = "torch"
 
     def __init__(self, models: KandinskyVideoModels, table: StageTable | None = None,
-                 validate: bool = True) -> None:
+                 validate: bool = True, cuts: bool = True) -> None:
+        """``cuts=False`` runs the U-Net stages in the official per-row form (see stage_modules)."""
         table = table or stage_table_for(models.config)
         device = next(models.unet_t2v.parameters()).device
         super().__init__(table, device, validate)
         self.models = models
-        self.modules = build_stage_modules(models, table)
+        self.cuts = cuts
+        self.modules = build_stage_modules(models, table, cuts)
 
     @torch.inference_mode()
     def _run(self, stage: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -138,6 +138,8 @@ class TritonPythonModel:
         for context in self.contexts:
             distance = 0
             for name, shape in shapes.items():
+                if name not in context.min:  # a static input: no profile entry (checked by the engine)
+                    continue
                 if _dimension_error(shape, context.min[name], context.max[name]) is not None:
                     distance = _FAR
                     break
@@ -185,6 +187,8 @@ class TritonPythonModel:
         if warning is not None:
             pb_utils.Logger.log_error(warning)
         for name in self.inputs:  # the backend validates every input against the chosen context
+            if name not in context.min:  # static inputs (the U-Nets' contexts) have no profile entry
+                continue
             error = _dimension_error(shapes[name], context.min[name], context.max[name])
             if error is not None:
                 message = (f"request specifies invalid shape for input '{name}' for {self.instance}. "
