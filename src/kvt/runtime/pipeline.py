@@ -33,9 +33,16 @@ import torch
 from PIL import Image
 
 from kvt.contract.errors import CancelledError, TimedOutError
-from kvt.contract.plan import request_total_steps, video_decode_chunks
+from kvt.contract.plan import request_total_steps
 from kvt.contract.request import GenerationRequest, InvalidRequestError, _short, validate_request
-from kvt.contract.stages import INTERPOLATION_PASSES, LATENT_CHANNELS, NUM_BASE_FRAMES, StageTable, context_length
+from kvt.contract.stages import (
+    INTERPOLATION_PASSES,
+    LATENT_CHANNELS,
+    NUM_BASE_FRAMES,
+    StageTable,
+    context_length,
+    video_decode_chunks,
+)
 from kvt.models.model_set import KandinskyVideoModels
 from kvt.models.text_encoder import PromptTokenizer, TokenizedPrompt
 from kvt.runtime import guidance
