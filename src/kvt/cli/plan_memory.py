@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "plan-memory", help="GPU memory of a set of TensorRT plans (computed, not measured)",
         description="Computes, on the meta device, what the plans `kvt build` would make need on one GPU: "
-                    "weights per plan at its precision, an upper bound of activation memory per "
+                    "weights per plan at its precision, a bound of activation memory per "
                     "optimisation profile (live tensors of one eager call, the builder workspace, and the "
                     "unfused attention worst case where the attention lint cannot rule it out), I/O, and "
                     "the totals of the TensorRT backend (one shared activation buffer) and of Triton "

@@ -7,13 +7,15 @@ Per stage and optimisation profile it counts
   the image-mode U-Net plan has no temporal layers), at the plan's precision (FP16 U-Nets, FP32 MoVQs,
   the text encoder's GEMM and embedding weights in BF16 unless ``fp32``; TensorRT plans own their
   weights, so two plans of one network hold two copies);
-* **activations**, an upper bound for the profile's largest shapes: the high-water mark of the live
+* **activations**, a bound for the profile's largest shapes: the high-water mark of the live
   intermediate tensors of one eager call (every op's output kept exactly as long as something still
   uses it; inputs, outputs and weights excluded), plus the builder's workspace limit (TensorRT's scratch
   for a layer's tactic comes out of the same activation memory), plus, where the attention lint of
   :mod:`kvt.engines.static_checks` cannot rule it out, the unfused attention worst case: the largest
   score matrix of the stage, twice (scores and probabilities), in the attention's dtype. Attention in
-  the fusable form at FP16/BF16 is counted as a fused kernel (no score matrix);
+  the fusable form at FP16/BF16 is counted as a fused kernel (no score matrix). The bound assumes
+  TensorRT keeps no more intermediates alive at once than the eager call (its fusions usually keep
+  fewer); it has not been compared with a real plan's ``device_memory_size_v2``;
 * **I/O**: the stage's input and output tensors at the largest shapes (the runtime's buffers).
 
 Totals, against the GPU's memory as NVML reports it:
