@@ -375,6 +375,7 @@ def test_build_then_reuse(export_dir, tmp_path, fake_trt):
     assert any("unet_t2v_video: building (fp16 plan of the fp16 graph, strongly typed" in m for m in messages)
     assert any("text_encoder: building (bf16 plan of the fp32 graph" in m for m in messages)
     assert any(m.startswith("memory plan (computed, not measured)") for m in messages)
+    assert any(m.startswith("memory plan for Triton (activations per model, STATIC)") for m in messages)
     assert result.memory is not None and result.memory.fits("tensorrt")
     assert set(result.checks) == set(built) and all(r.ok for r in result.checks.values())
 

@@ -346,6 +346,13 @@ def check_memory(export: ExportManifest, table: StageTable, plan_profiles: Mappi
     report(f"memory plan (computed, not measured): {totals.total / 2**30:.1f} GiB of {gpu.total_memory / 2**30:.1f} "
            f"GiB for the TensorRT backend ({plan.spare('tensorrt') * 100:.0f} % spare; weights "
            f"{totals.weights / 2**30:.1f}, activations {totals.activations / 2**30:.1f} GiB)")
+    # Triton holds activation memory per model: reported, not refused (the plans serve both backends).
+    triton = plan.triton_totals()
+    report(f"memory plan for Triton (activations per model, {plan.strategy}): {triton.total / 2**30:.1f} GiB "
+           f"({plan.spare('triton') * 100:.0f} % spare)"
+           + ("" if plan.fits("triton", memory_plan.DEFAULT_MIN_SPARE) else
+              f"; warning: under {memory_plan.DEFAULT_MIN_SPARE * 100:.0f} % free under Triton on this GPU "
+              "(see `kvt plan-memory` and docs/TENSORRT.md)"))
     if options.memory_check:
         memory_plan.require_fit(plan, ["tensorrt"], 0.0)
         if not plan.fits("tensorrt", memory_plan.DEFAULT_MIN_SPARE):
