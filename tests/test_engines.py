@@ -9,6 +9,7 @@ by tests/test_tensorrt_engines.py on a GPU machine.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 
 from kvt.cli.common import parse_size
 from kvt.cli.main import EXIT_FAILURE, EXIT_INVALID, EXIT_OK, main
+from kvt.contract.errors import UserError
 from kvt.contract.profiles import (
     ProfileError,
     Resolution,
@@ -32,7 +34,7 @@ from kvt.contract.stages import Dim
 from kvt.engines import builder as builder_mod
 from kvt.engines.builder import BuildOptions, EngineBuildError, OnnxParseError, build_engines
 from kvt.formats.engine_cache import EngineCache, PlanIntegrityError, StalePlanError, make_key, onnx_digest
-from kvt.formats.engine_dir import EngineManifest, EngineManifestError
+from kvt.formats.engine_dir import ANY_DEVICE, EngineManifest, EngineManifestError, PlanTarget
 from kvt.formats.export_dir import ExportManifestError
 from kvt.models.presets import get_preset
 from kvt.models.stage_modules import stage_table_for
@@ -42,8 +44,9 @@ from support.fake_tensorrt import FakeTensorRT
 
 TINY = stage_table_for(get_preset("tiny").config)  # resolution 64 / 64 / 256
 FULL = stage_table_for(get_preset("full").config)  # resolution 256 / 512 / 1024
-GPU_A = GpuInfo(0, "Fake GPU A", "9.0", 80 * 2**30)
-GPU_B = GpuInfo(0, "Fake GPU B", "8.6", 24 * 2**30)
+GPU_A = GpuInfo(0, "Fake GPU A", "9.0", 80 * 2**30, 132)
+GPU_B = GpuInfo(0, "Fake GPU B", "8.6", 24 * 2**30, 84)
+TARGET = PlanTarget("10.13.0.35", "9.0", "NVIDIA H100 80GB HBM3", 132)
 
 
 def dims(profile) -> dict[str, tuple[int, int, int]]:
@@ -166,14 +169,16 @@ PROFILES = ({"N": Dim(2, 2, 2)},)
 
 
 def _key(**changes):
-    key = make_key("unet_t2v_image", "a" * 64, PROFILES, "fp16", "10.13.0.35", "9.0", 3)
+    key = make_key("unet_t2v_image", "a" * 64, PROFILES, "fp16", "10.13.0.35", "9.0", 3,
+                   "NVIDIA H100 80GB HBM3", 132)
     return dataclasses.replace(key, **changes) if changes else key
 
 
 @pytest.mark.parametrize("field,value", [("stage", "unet_t2v_video"), ("onnx_sha256", "b" * 64),
                                          ("profiles", profile_key(({"N": Dim(2, 2, 4)},))),
                                          ("precision", "fp32"), ("tensorrt_version", "11.0.0"),
-                                         ("compute_capability", "8.9"), ("builder_optimization_level", 5)])
+                                         ("compute_capability", "8.9"), ("builder_optimization_level", 5),
+                                         ("device", "NVIDIA H200"), ("sm_count", 114)])
 def test_key_digest_changes_with_every_field(field, value):
     assert _key().digest() == _key().digest()
     assert _key(**{field: value}).digest() != _key().digest()
@@ -212,11 +217,14 @@ def test_store_lookup_reuse_and_integrity(tmp_path):
     # no temporary file is left behind by the atomic writes
     assert sorted(p.name for p in (cache.directory / "unet_t2v_image").iterdir()) == [f"{key.digest()}.plan"]
     assert not [p for p in cache.directory.iterdir() if p.name.startswith(".manifest")]
-    # same size, other content: only the hash notices
+    assert entry.fingerprint and entry.sha256 != entry.fingerprint
+    # same size, other content: the fingerprint (head and tail) checked on every load notices
     cache.plan_path(entry).write_bytes(b"PLAN-BYTES")
     assert cache.lookup(key) == entry and cache.lookup(key, verify_hash=True) is None
-    with pytest.raises(PlanIntegrityError, match="SHA-256 differs"):
+    with pytest.raises(PlanIntegrityError, match="content differs from the manifest"):
         cache.read_plan(entry)
+    with pytest.raises(PlanIntegrityError, match="SHA-256 differs"):
+        cache.verify(entry)
     cache.plan_path(entry).write_bytes(b"short")
     assert cache.lookup(key) is None
     with pytest.raises(PlanIntegrityError, match="5 bytes, the manifest records 10"):
@@ -239,14 +247,30 @@ def test_store_replaces_the_older_plan_for_the_same_gpu_and_version(tmp_path):
 def test_select_never_returns_a_plan_of_another_gpu_or_version(tmp_path):
     cache = _cache(tmp_path)
     entry = cache.store(_key(), b"plan")
-    assert cache.select("unet_t2v_image", "10.13.0.35", "9.0") == entry
-    with pytest.raises(StalePlanError, match=r"built for TensorRT 10.13.0.35 on compute capability 9.0; "
-                                             r"this machine has TensorRT 10.13.0.35 on compute capability 8.6"):
-        cache.select("unet_t2v_image", "10.13.0.35", "8.6")
+    assert cache.select("unet_t2v_image", TARGET) == entry
+    with pytest.raises(StalePlanError, match=r"built for TensorRT 10.13.0.35 on NVIDIA H100 80GB HBM3 \(132 SMs, "
+                                             r"compute capability 9.0\); this machine has TensorRT 10.13.0.35 on "
+                                             r"Fake \(84 SMs, compute capability 8.6\)"):
+        cache.select("unet_t2v_image", PlanTarget("10.13.0.35", "8.6", "Fake", 84))
     with pytest.raises(StalePlanError, match="rebuild it here with `kvt build --onnx /exports/x"):
-        cache.select("unet_t2v_image", "11.0.0", "9.0")
+        cache.select("unet_t2v_image", dataclasses.replace(TARGET, tensorrt_version="11.0.0"))
     with pytest.raises(EngineManifestError, match="no plan for stage 'movq_decoder'"):
-        cache.select("movq_decoder", "10.13.0.35", "9.0")
+        cache.select("movq_decoder", TARGET)
+
+
+def test_an_h100_plan_is_not_an_h200_plan_but_a_same_compute_capability_plan_runs_on_both(tmp_path):
+    cache = _cache(tmp_path)
+    h100 = cache.store(_key(), b"h100 plan")
+    h200 = PlanTarget("10.13.0.35", "9.0", "NVIDIA H200", 132)
+    with pytest.raises(StalePlanError, match="NVIDIA H100 80GB HBM3.*this machine has TensorRT 10.13.0.35 on NVIDIA H200"):
+        cache.select("unet_t2v_image", h200)
+    with pytest.raises(StalePlanError):  # same model name, other SM count (a cut-down part)
+        cache.select("unet_t2v_image", dataclasses.replace(TARGET, sm_count=114))
+    anywhere = cache.store(_key(device=ANY_DEVICE, sm_count=0), b"same-cc plan")
+    assert cache.select("unet_t2v_image", h200) == anywhere
+    assert cache.select("unet_t2v_image", TARGET) == h100  # the GPU's own plan first
+    with pytest.raises(StalePlanError):  # other compute capability: not even a same-cc plan
+        cache.select("unet_t2v_image", dataclasses.replace(TARGET, compute_capability="8.9"))
 
 
 def test_open_for_refuses_plans_of_another_export(tmp_path):
@@ -268,7 +292,8 @@ def test_manifest_round_trip_and_errors(tmp_path):
     cache.store(_key(compute_capability="8.6"), b"q")
     manifest = EngineManifest.read(cache.directory)
     assert [p.key.compute_capability for p in manifest.stages["unet_t2v_image"]] == ["9.0", "8.6"]
-    assert manifest.plans_for("unet_t2v_image", "10.13.0.35", "8.6")[0].sha256 == cache.manifest().stages[
+    target = dataclasses.replace(TARGET, compute_capability="8.6")
+    assert manifest.plans_for("unet_t2v_image", target)[0].sha256 == cache.manifest().stages[
         "unet_t2v_image"][1].sha256
     (cache.directory / "manifest.json").write_text("{nope")
     with pytest.raises(EngineManifestError, match="not valid JSON"):
@@ -277,11 +302,24 @@ def test_manifest_round_trip_and_errors(tmp_path):
         EngineManifest.read(tmp_path)
 
 
-def test_timing_cache_round_trip(tmp_path):
+def test_timing_cache_per_tensorrt_version_and_gpu(tmp_path):
     cache = _cache(tmp_path)
-    assert cache.load_timing_cache() == b""
-    cache.save_timing_cache(b"timings")
-    assert cache.load_timing_cache() == b"timings" and cache.timing_cache_path.name == "timing.cache"
+    path = cache.timing_cache_path("10.13.0.35", "NVIDIA H100 80GB HBM3")
+    assert path.name == "timing-10.13.0.35-NVIDIA-H100-80GB-HBM3.cache"
+    assert path != cache.timing_cache_path("10.13.0.35", "NVIDIA H200")
+    assert path != cache.timing_cache_path("10.12.0.36", "NVIDIA H100 80GB HBM3")
+    assert cache.load_timing_cache(path) == b""
+    cache.save_timing_cache(b"timings", path)
+    assert cache.load_timing_cache(path) == b"timings"
+
+
+def test_open_for_refuses_another_checkpoints_plans(tmp_path):
+    cache = EngineCache(tmp_path / "engines")
+    summary = {"model": {"tokens_length": 16}, "precision": "fp16", "options": {}, "source_digest": "a" * 64}
+    cache.open_for("/exports/a", summary)
+    cache.store(_key(), b"plan")
+    with pytest.raises(EngineManifestError, match="holds plans of another export.*weights aaaaaaaaaaaa.*weights bbbbbbbbbbbb"):
+        cache.open_for("/exports/b", {**summary, "source_digest": "b" * 64})
 
 
 def test_parse_size():
@@ -294,7 +332,9 @@ def test_parse_size():
 
 @pytest.fixture
 def fake_trt(monkeypatch):
-    for name, value in (("builds", 0), ("fail_parse", []), ("fail_build", False), ("last_flags", None)):
+    for name, value in (("builds", 0), ("fail_parse", []), ("fail_build", False), ("last_flags", None),
+                        ("reject_timing_cache", False), ("refuse_capture", False), ("capturing", False),
+                        ("executions", 0), ("last_config", None)):
         monkeypatch.setattr(FakeTensorRT, name, value)
     return FakeTensorRT
 
@@ -310,6 +350,9 @@ def _build(export_dir, out, trt, messages, **kwargs):
     return build_engines(export_dir, out, report=messages.append, trt=trt, gpu=kwargs.pop("gpu", GPU_A), **kwargs)
 
 
+TIMING = "timing-10.13.0.35-Fake-GPU-A.cache"
+
+
 def test_build_then_reuse(export_dir, tmp_path, fake_trt):
     out, messages = tmp_path / "engines", []
     result = _build(export_dir, out, fake_trt, messages, options=BuildOptions(workspace_bytes=2**30))
@@ -320,13 +363,22 @@ def test_build_then_reuse(export_dir, tmp_path, fake_trt):
     manifest = EngineManifest.read(out)
     entry = manifest.stages["unet_t2v_video"][0]
     assert entry.key.precision == "fp16" and manifest.stages["movq_encoder"][0].key.precision == "fp32"
+    assert manifest.stages["text_encoder"][0].key.precision == "bf16"  # the FP32 T5 graph, BF16 weights
     assert entry.key.compute_capability == "9.0" and entry.key.tensorrt_version == "10.13.0.35"
+    assert (entry.key.device, entry.key.sm_count) == ("Fake GPU A", 132)
     plan = json.loads((out / entry.plan).read_bytes())
     assert plan["level"] == 3 and plan["pools"] == {"WORKSPACE": 2**30}
+    assert plan["preview"] == {"RUNTIME_ACTIVATION_RESIZE_10_10": True} and plan["hardware"] == "NONE"
     assert plan["profiles"][0]["sample"] == [[36, 9, 8, 8]] * 3
     assert (out / "tokenizer").is_dir() and (out / "null_embeddings.safetensors").is_file()
-    assert (out / "timing.cache").is_file()
-    assert any("unet_t2v_video: building (fp16 graph, strongly typed" in m for m in messages)
+    assert (out / TIMING).is_file() and not (out / "timing.cache").exists()
+    assert not [p for p in out.iterdir() if ".bf16-" in p.name]  # the rewritten T5 graph is gone
+    assert any("unet_t2v_video: building (fp16 plan of the fp16 graph, strongly typed" in m for m in messages)
+    assert any("text_encoder: building (bf16 plan of the fp32 graph" in m for m in messages)
+    assert any(m.startswith("memory plan (computed, not measured)") for m in messages)
+    assert any(m.startswith("memory plan for Triton (activations per model, STATIC)") for m in messages)
+    assert result.memory is not None and result.memory.fits("tensorrt")
+    assert set(result.checks) == set(built) and all(r.ok for r in result.checks.values())
 
     messages.clear()
     again = _build(export_dir, out, fake_trt, messages)
@@ -339,7 +391,7 @@ def test_build_then_reuse(export_dir, tmp_path, fake_trt):
     _build(export_dir, out, fake_trt, [], stages=["unet_t2v_video"], options=BuildOptions(force=True))
     assert fake_trt.builds == 8
     # the timing cache saved by one build is what the next one loads
-    assert fake_trt.last_timing_cache == (out / "timing.cache").read_bytes()[:-1]
+    assert fake_trt.last_timing_cache == (out / TIMING).read_bytes()[:-1]
 
 
 def test_build_for_another_gpu_keeps_both_and_the_backend_refuses_the_stale_one(export_dir, tmp_path, fake_trt):
@@ -347,13 +399,15 @@ def test_build_for_another_gpu_keeps_both_and_the_backend_refuses_the_stale_one(
     _build(export_dir, out, fake_trt, [], gpu=GPU_B, stages=["movq_encoder"])
     from kvt.runtime.backends.tensorrt.backend import TensorRTBackend
 
-    with pytest.raises(StalePlanError, match="compute capability 8.6; this machine has TensorRT 10.13.0.35 "
-                                             "on compute capability 9.0"):
+    with pytest.raises(StalePlanError, match=r"Fake GPU B \(84 SMs, compute capability 8.6\); this machine has "
+                                             r"TensorRT 10.13.0.35 on Fake GPU A \(132 SMs, compute capability 9.0\)"):
         TensorRTBackend(out, device="cuda", trt=fake_trt, gpu=GPU_A)
     with pytest.raises(ValueError, match="CUDA devices only"):
         TensorRTBackend(out, device="cpu", trt=fake_trt, gpu=GPU_A)
     _build(export_dir, out, fake_trt, [], gpu=GPU_A, stages=["movq_encoder"])
     assert len(EngineManifest.read(out).stages["movq_encoder"]) == 2
+    # one timing cache per TensorRT version and GPU: B's was not overwritten by A's build
+    assert (out / TIMING).is_file() and (out / "timing-10.13.0.35-Fake-GPU-B.cache").is_file()
 
 
 def test_parser_errors_name_the_nodes(export_dir, tmp_path, fake_trt):
@@ -464,7 +518,7 @@ def _runner(stage, fake_trt, export_dir, monkeypatch, spec_for_load=None, **kwar
 
 def test_engine_binds_by_name_reuses_outputs_and_picks_the_profile(export_dir, fake_trt, monkeypatch):
     engine = _runner("unet_interp", fake_trt, export_dir, monkeypatch)
-    assert len(engine.profile_ranges) == 2 and engine.arena.nbytes == 4096
+    assert len(engine.profile_ranges) == 2 and engine.arena.nbytes == 0  # sized by the first call's shapes
     spec = TINY["unet_interp"]
     small = spec.sample_inputs({"N": 22, "h": 8, "w": 8})
     out = engine(small)["v"]
@@ -478,8 +532,9 @@ def test_engine_binds_by_name_reuses_outputs_and_picks_the_profile(export_dir, f
     assert second.shapes["sample"] == (88, 20, 8, 8)
     addresses = {c[1]: c[2] for c in second.calls if c[0] == "address"}
     assert set(addresses) == set(spec.input_names) | {"v"}
-    assert ("memory", engine.arena.pointer(), 4096) in second.calls
+    assert ("memory", engine.arena.pointer(), engine.arena.nbytes) in second.calls
     assert sum(c[0] == "execute" for c in first.calls) == 2
+    assert sum(c[0] == "shape" and c[1] == "sample" for c in first.calls) == 1  # shapes set once, not per call
     with pytest.raises(Exception, match="outside every optimisation profile|outside the supported range"):
         engine(spec.sample_inputs({"N": 100, "h": 8, "w": 8}))
 
@@ -501,6 +556,233 @@ def test_engine_load_errors(export_dir, fake_trt, monkeypatch):
     monkeypatch.setattr(FakeTensorRT, "output_shape", staticmethod(lambda name, shapes: (1, 2, 3)))
     with pytest.raises(EngineError, match="TensorRT computes output 'latent' as \\(1, 2, 3\\)"):
         engine(TINY["movq_encoder"].sample_inputs({"B": 1, "h": 8, "w": 8}))
+
+
+class FakeGraphs:
+    """Stands in for torch's CUDA graphs on the CPU: ``capture`` runs the enqueue with the fake library in
+    capture mode (where it may refuse, as TensorRT does); ``replay`` runs it again, unless ``empty``
+    (an empty graph, which replays nothing)."""
+
+    def __init__(self, empty: bool = False) -> None:
+        self.empty, self.captures, self.replays = empty, 0, 0
+
+    def capture(self, enqueue, stream):
+        self.captures += 1
+        FakeTensorRT.capturing = True
+        try:
+            ok = enqueue(0)
+        finally:
+            FakeTensorRT.capturing = False
+        return ("graph", enqueue) if ok else None
+
+    def replay(self, graph, stream):
+        self.replays += 1
+        if not self.empty:
+            graph[1](0)
+
+
+MOVQ_INPUT = {"B": 1, "h": 8, "w": 8}
+
+
+def _graph_engine(fake_trt, export_dir, monkeypatch, graphs, **kwargs):
+    return _runner("movq_encoder", fake_trt, export_dir, monkeypatch, cuda_graphs=True, graph_capture=graphs, **kwargs)
+
+
+def _expected(inputs):
+    return 1.0 + float(inputs["image"].double().sum())  # what the fake computes
+
+
+def test_graph_capture_warms_up_on_the_captured_buffers_and_replays(export_dir, fake_trt, monkeypatch):
+    graphs = FakeGraphs()
+    engine = _graph_engine(fake_trt, export_dir, monkeypatch, graphs)
+    spec = TINY["movq_encoder"]
+    for seed in range(4):  # call 1 plain, call 2 warm-up + capture + checked replay, calls 3-4 replay
+        inputs = spec.sample_inputs(MOVQ_INPUT, seed=seed)
+        out = engine(inputs)["latent"]
+        assert torch.allclose(out, torch.full_like(out, _expected(inputs)), rtol=1e-5), seed
+    binding = next(iter(engine._bindings.values()))
+    assert binding.graph is not None and not binding.graph_failed
+    assert graphs.captures == 1 and graphs.replays == 3
+    context = engine.engine.contexts[0]
+    # the warm-up before the capture ran on the static input buffers the graph uses
+    static = binding.static_inputs["image"].data_ptr()
+    calls = context.calls
+    capture_at = calls.index(("capture", 0))
+    warm_up = max(i for i, c in enumerate(calls[:capture_at]) if c[0] == "execute")
+    addresses = [c for c in calls[:warm_up] if c[0] == "address" and c[1] == "image"]
+    assert addresses[-1][2] == static
+
+
+def test_a_refused_capture_never_becomes_a_stored_graph(export_dir, fake_trt, monkeypatch, caplog):
+    fake_trt.refuse_capture = True  # TensorRT returns False from enqueueV3 while capturing
+    graphs = FakeGraphs()
+    engine = _graph_engine(fake_trt, export_dir, monkeypatch, graphs)
+    spec = TINY["movq_encoder"]
+    results = []
+    for seed in range(4):
+        inputs = spec.sample_inputs(MOVQ_INPUT, seed=seed)
+        out = engine(inputs)["latent"]
+        results.append(out.clone())
+        assert torch.allclose(out, torch.full_like(out, _expected(inputs)), rtol=1e-5), seed
+    binding = next(iter(engine._bindings.values()))
+    assert binding.graph is None and binding.graph_failed
+    assert graphs.captures == 1 and graphs.replays == 0  # tried once, then uncaptured for good
+    assert "execute_async_v3 returned False during capture" in caplog.text
+    assert not torch.equal(results[2], results[3])  # fresh results every step, not a stale replay
+
+
+def test_an_empty_graph_is_caught_by_the_first_replay(export_dir, fake_trt, monkeypatch, caplog):
+    graphs = FakeGraphs(empty=True)  # capture "succeeds" but replays nothing
+    engine = _graph_engine(fake_trt, export_dir, monkeypatch, graphs)
+    spec = TINY["movq_encoder"]
+    for seed in range(3):
+        inputs = spec.sample_inputs(MOVQ_INPUT, seed=seed)
+        out = engine(inputs)["latent"]
+        assert torch.isfinite(out).all() and torch.allclose(out, torch.full_like(out, _expected(inputs)), rtol=1e-5)
+    binding = next(iter(engine._bindings.values()))
+    assert binding.graph is None and binding.graph_failed and graphs.replays == 1
+    assert "first replay of the graph" in caplog.text
+
+
+def test_torch_graph_capture_is_thread_local_and_drops_a_refused_enqueue(monkeypatch):
+    """torch.cuda.graph needs a GPU; its arguments and the handling of enqueue's result are checked
+    with recording stand-ins (the real capture runs in tests/test_tensorrt_engines.py)."""
+    from kvt.runtime.backends.tensorrt import runner
+
+    seen = {}
+
+    class Stream:
+        cuda_stream = 7
+
+        def wait_stream(self, other):
+            seen.setdefault("waits", 0)
+            seen["waits"] += 1
+
+    @contextlib.contextmanager
+    def graph(g, stream=None, capture_error_mode="global"):
+        seen["mode"], seen["stream"] = capture_error_mode, stream
+        yield
+
+    monkeypatch.setattr(runner.torch.cuda, "CUDAGraph", lambda: "graph")
+    monkeypatch.setattr(runner.torch.cuda, "Stream", lambda device: Stream())
+    monkeypatch.setattr(runner.torch.cuda, "graph", graph)
+    capture = runner.TorchGraphCapture(torch.device("cuda"))
+    assert capture.capture(lambda handle: handle == 7, Stream()) == "graph"
+    assert seen["mode"] == "thread_local" and seen["waits"] == 2
+    assert capture.capture(lambda handle: False, Stream()) is None
+
+
+def test_activation_memory_follows_the_shapes_in_use(export_dir, fake_trt, monkeypatch):
+    engine = _runner("unet_interp", fake_trt, export_dir, monkeypatch)
+    spec = TINY["unet_interp"]
+    engine(spec.sample_inputs({"N": 22, "h": 8, "w": 8}))
+    small, generation = engine.arena.nbytes, engine.arena.generation
+    context = engine.engine.contexts[0]
+    assert small == context.update_device_memory_size_for_shapes() < engine.max_activation_bytes * 1000
+    engine(spec.sample_inputs({"N": 88, "h": 8, "w": 8}))
+    assert engine.arena.nbytes > small and engine.arena.generation == generation + 1  # grown on demand
+    large = engine.arena.nbytes
+    engine(spec.sample_inputs({"N": 22, "h": 8, "w": 8}))
+    assert engine.arena.nbytes == large  # never shrunk
+
+
+def test_graph_outputs_of_non_loop_stages_are_fresh_tensors(export_dir, fake_trt, monkeypatch):
+    engine = _graph_engine(fake_trt, export_dir, monkeypatch, FakeGraphs(), reuse_outputs=False)
+    spec = TINY["movq_encoder"]
+    outs = [engine(spec.sample_inputs(MOVQ_INPUT, seed=seed))["latent"] for seed in range(4)]
+    assert len({o.data_ptr() for o in outs}) == 4  # replays of static buffers, handed out as copies
+    assert not torch.equal(outs[2], outs[3])
+
+
+def test_misaligned_inputs_are_copied_to_aligned_buffers(export_dir, fake_trt, monkeypatch):
+    from kvt.runtime.backends.tensorrt.runner import IO_ALIGNMENT, aligned
+
+    engine = _runner("movq_encoder", fake_trt, export_dir, monkeypatch)
+    image = TINY["movq_encoder"].sample_inputs(MOVQ_INPUT)["image"]
+    backing = torch.zeros(image.numel() + 64)
+    view = backing[1:1 + image.numel()].view(image.shape)  # 4 bytes past an allocation: misaligned
+    view.copy_(image)
+    assert view.data_ptr() % IO_ALIGNMENT
+    out = engine({"image": view})["latent"]
+    bound = [c[2] for c in engine.engine.contexts[0].calls if c[0] == "address" and c[1] == "image"]
+    assert bound and all(address % IO_ALIGNMENT == 0 for address in bound)
+    assert torch.allclose(out, torch.full_like(out, _expected({"image": image})), rtol=1e-5)
+    copy = aligned(view)
+    assert copy.data_ptr() % IO_ALIGNMENT == 0 and torch.equal(copy, view)
+    already = aligned(copy)
+    assert already.data_ptr() == copy.data_ptr()  # aligned tensors are used in place
+
+
+def test_a_profile_tensorrt_refuses_is_an_engine_error(export_dir, fake_trt, monkeypatch):
+    from kvt.runtime.backends.tensorrt.runner import EngineError
+
+    engine = _runner("unet_interp", fake_trt, export_dir, monkeypatch)
+    with pytest.raises(EngineError, match="refused optimisation profile 5"):
+        engine._context(5, 0, ())
+
+
+def test_old_tensorrt_is_refused_with_the_minimum(export_dir, fake_trt, monkeypatch):
+    from kvt.runtime.backends.tensorrt.runner import Engine
+    from kvt.runtime.backends.tensorrt.trt_env import MIN_TENSORRT_VERSION, check_tensorrt_version, version_tuple
+
+    assert MIN_TENSORRT_VERSION == "10.12" and version_tuple("10.13.0.35") == (10, 13, 0, 35)
+    assert version_tuple("10.14.1.post2") == (10, 14, 1)
+    for ok in ("10.12.0.36", "10.13.3.9", "11.1.0.11"):
+        monkeypatch.setattr(FakeTensorRT, "__version__", ok)
+        check_tensorrt_version(FakeTensorRT)
+    for old in ("10.0.1.6", "10.11.0.33", "9.3.0"):
+        monkeypatch.setattr(FakeTensorRT, "__version__", old)
+        with pytest.raises(TensorRTUnavailable, match=f"TensorRT {old} is older than 10.12"):
+            check_tensorrt_version(FakeTensorRT)
+    with pytest.raises(TensorRTUnavailable, match="older than 10.12"):
+        Engine(b"{}", TINY["movq_encoder"], "cpu", trt=fake_trt)
+    with pytest.raises(TensorRTUnavailable, match="older than 10.12"):
+        _build(export_dir, Path("/nonexistent/never-written"), fake_trt, [], stages=["movq_encoder"])
+
+
+def test_a_rejected_timing_cache_starts_empty_and_its_errors_are_not_the_builds(export_dir, tmp_path, fake_trt,
+                                                                              caplog):
+    out = tmp_path / "engines"
+    _build(export_dir, out, fake_trt, [], stages=["movq_encoder"])
+    assert (out / TIMING).read_bytes() == b"+"
+    fake_trt.reject_timing_cache = True  # create_timing_cache(blob) -> None, as for a foreign cache
+    _build(export_dir, out, fake_trt, [], stages=["movq_encoder"], options=BuildOptions(force=True))
+    assert fake_trt.last_timing_cache == b""  # fell back to an empty cache instead of a pybind error
+    assert "does not fit this TensorRT/GPU" in caplog.text
+
+
+def test_same_compute_capability_plans(export_dir, tmp_path, fake_trt):
+    out = tmp_path / "engines"
+    _build(export_dir, out, fake_trt, [], stages=["movq_encoder"],
+           options=BuildOptions(same_compute_capability=True))
+    entry = EngineManifest.read(out).stages["movq_encoder"][0]
+    assert (entry.key.device, entry.key.sm_count) == (ANY_DEVICE, 0)
+    assert json.loads((out / entry.plan).read_bytes())["hardware"] == "SAME_COMPUTE_CAPABILITY"
+    other = PlanTarget("10.13.0.35", "9.0", "Another 9.0 GPU", 78)
+    assert EngineCache(out).select("movq_encoder", other) == entry
+
+
+def test_fp32_text_encoder_on_request_and_bf16_needs_ampere(export_dir, tmp_path, fake_trt):
+    out = tmp_path / "engines"
+    _build(export_dir, out, fake_trt, [], stages=["text_encoder"], options=BuildOptions(text_encoder_precision="fp32"))
+    assert EngineManifest.read(out).stages["text_encoder"][0].key.precision == "fp32"
+    turing = GpuInfo(0, "Fake T4", "7.5", 16 * 2**30, 40)
+    with pytest.raises(UserError, match="BF16 plans need compute capability 8.0.*--text-encoder-precision fp32"):
+        _build(export_dir, tmp_path / "t4", fake_trt, [], stages=["text_encoder"], gpu=turing)
+    with pytest.raises(UserError, match="text encoder precision 'fp8'"):
+        BuildOptions(text_encoder_precision="fp8")
+
+
+def test_a_set_that_cannot_fit_the_gpu_is_refused_before_building(export_dir, tmp_path, fake_trt):
+    from kvt.engines.memory_plan import MemoryPlanError
+
+    tiny_gpu = GpuInfo(0, "Fake 1 GiB GPU", "9.0", 2**30, 16)
+    with pytest.raises(MemoryPlanError, match="does not fit Fake 1 GiB GPU"):
+        _build(export_dir, tmp_path / "e", fake_trt, [], gpu=tiny_gpu)
+    assert fake_trt.builds == 0 and not (tmp_path / "e").exists()
+    result = _build(export_dir, tmp_path / "e", fake_trt, [], gpu=tiny_gpu, stages=["movq_encoder"],
+                    options=BuildOptions(memory_check=False))
+    assert fake_trt.builds == 1 and not result.memory.fits("tensorrt")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")

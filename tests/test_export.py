@@ -92,7 +92,8 @@ def test_graphs_follow_the_stage_table(request, precision):
 
 
 def test_fp16_policy(tiny_export_fp16):
-    """U-Nets compute in FP16 with Softmax in FP32; T5 and the MoVQs stay FP32; I/O stays FP32."""
+    """U-Nets compute in FP16, attention in TensorRT's fusable form (FP16 Softmax straight from the scores:
+    kvt.engines.static_checks lints the whole pattern); T5 and the MoVQs stay FP32; I/O stays FP32."""
     manifest = ExportManifest.read(tiny_export_fp16)
     for stage in STAGES:
         graph = _graph(tiny_export_fp16, stage)
@@ -106,8 +107,7 @@ def test_fp16_policy(tiny_export_fp16):
             softmaxes = [n for n in graph.graph.node if n.op_type == "Softmax"]
             assert softmaxes
             for node in softmaxes:
-                cast = producers[node.input[0]]
-                assert cast.op_type == "Cast" and cast.attribute[0].i == onnx.TensorProto.FLOAT
+                assert producers[node.input[0]].op_type in ("MatMul", "Add"), node.name  # no Cast in between
 
 
 # ------------------------------------------------------------------------------ weights and sizes

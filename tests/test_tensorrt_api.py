@@ -1,4 +1,5 @@
-"""Every TensorRT name our code uses exists in the TensorRT 10.13 API (the ``tensorrt-stubs`` .pyi files).
+"""Every TensorRT name our code uses exists in the TensorRT API of the minimum supported version (10.12) and
+of the newest stubs (10.13) (the ``tensorrt-stubs`` .pyi files), and has the release that introduced it.
 
 The checker is :mod:`kvt.engines.api_check` (also ``python -m kvt.engines.api_check``); see its docstring
 for how the stubs and our sources are read. These tests run it on kvt's sources, check that its
@@ -7,9 +8,24 @@ inference sees the calls that matter, and feed it deliberately misspelt usages t
 
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
+
 import pytest
 
-from kvt.engines.api_check import StubIndex, check_kvt, check_usages, collect_usages, kvt_sources, main
+from kvt.engines.api_check import (
+    INTRODUCED,
+    StubIndex,
+    check_kvt,
+    check_usages,
+    collect_usages,
+    kvt_sources,
+    main,
+    stub_dir,
+    stub_folder,
+)
+from kvt.runtime.backends.tensorrt.trt_env import MIN_TENSORRT_VERSION, version_tuple
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +121,60 @@ def test_command_line(stubs, tmp_path, capsys):
     assert "0 problem(s)" in capsys.readouterr().err
     assert main(["--stubs", str(tmp_path)]) == 2
     assert "no tensorrt.pyi" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- several versions
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _minimum_stubs() -> StubIndex | None:
+    """The stubs of the minimum supported TensorRT: $KVT_TENSORRT_STUBS_MIN or the README's
+    ``.venv/tensorrt-stubs-10.12`` (a ``pip install --target`` folder)."""
+    folder = Path(os.environ.get("KVT_TENSORRT_STUBS_MIN", REPO / ".venv" / "tensorrt-stubs-10.12"))
+    return StubIndex.load(stub_folder(folder))
+
+
+def test_every_name_exists_in_the_minimum_supported_tensorrt(stubs):
+    minimum = _minimum_stubs()
+    if minimum is None:
+        pytest.skip("no stubs of the minimum TensorRT: `pip install --no-deps --target .venv/tensorrt-stubs-10.12 "
+                    "tensorrt-stubs==10.12.0.36.1` (or set KVT_TENSORRT_STUBS_MIN)")
+    assert minimum.version.startswith(MIN_TENSORRT_VERSION + ".")
+    usages, problems = check_kvt(minimum)
+    assert not problems, "\n".join(problems)
+    assert main(["--stubs", str(stub_folder(REPO / ".venv" / "tensorrt-stubs-10.12")), "--stubs",
+                 str(stub_dir())]) == 0 or "KVT_TENSORRT_STUBS_MIN" in os.environ
+
+
+def test_an_older_api_is_caught(stubs, tmp_path):
+    """Stubs without the 10.1 names (as TensorRT 10.0's bindings are) make the check fail, naming them."""
+    source = stub_dir()
+    text = (source / "tensorrt.pyi").read_text()
+    for name in ("device_memory_size_v2", "set_device_memory"):
+        text = re.sub(rf"\n( +)def {name}\(.*?\n(?=\1(?:def |@)|\S)", "\n", text, flags=re.S)
+    folder = tmp_path / "tensorrt_bindings"
+    folder.mkdir()
+    (folder / "tensorrt.pyi").write_text(text)
+    (folder / "__init__.pyi").write_text((source / "__init__.pyi").read_text().replace("10.13.0.35", "10.0.1.6"))
+    old = StubIndex.load(folder)
+    assert old is not None and old.version == "10.0.1.6"
+    problems = check_kvt(old)[1]
+    text = "\n".join(problems)
+    assert "tensorrt ICudaEngine.device_memory_size_v2 does not exist in TensorRT 10.0.1.6" in text
+    assert "tensorrt IExecutionContext.set_device_memory does not exist in TensorRT 10.0.1.6" in text
+    assert main(["--stubs", str(tmp_path)]) == 1
+
+
+def test_every_name_has_the_release_that_introduced_it_in_the_docs(stubs):
+    usages, _ = check_kvt(stubs)
+    used = {u.qualified for u in usages}
+    assert used <= set(INTRODUCED), f"no INTRODUCED entry: {sorted(used - set(INTRODUCED))}"
+    stale = set(INTRODUCED) - used
+    assert not stale, f"INTRODUCED lists names the code no longer uses: {sorted(stale)}"
+    assert all(version_tuple(v) <= version_tuple(MIN_TENSORRT_VERSION) for v in INTRODUCED.values())
+    docs = (REPO / "docs" / "TENSORRT.md").read_text()
+    for name, version in INTRODUCED.items():
+        short = name.rsplit(".", 1)[-1]
+        assert f"`{name}`" in docs or f"`{short}`" in docs, f"docs/TENSORRT.md does not list {name}"
+        assert f"| {version} |" in docs

@@ -2,16 +2,38 @@
 
 It records what it is asked (builds, network flags, the timing cache it was given) and returns plans
 that are JSON descriptions of the build request instead of engines; the runner reads them back. Tests
-set its class attributes (``fail_parse``, ``fail_build``, ``output_shape``) to steer it and reset them
-with monkeypatch (see the ``fake_trt`` fixture of tests/test_engines.py).
+set its class attributes (``fail_parse``, ``fail_build``, ``output_shape``, ``reject_timing_cache``,
+``refuse_capture``) to steer it and reset them with monkeypatch (see the ``fake_trt`` fixture of
+tests/test_engines.py).
+
+Where the real library can fail, the fake can too: ``create_timing_cache`` returns None for a rejected
+blob, ``set_optimization_profile_async`` raises RuntimeError for a profile the plan lacks (as the
+binding does), and ``execute_async_v3`` returns False inside a CUDA-graph capture when
+``refuse_capture`` is set (TensorRT's way of saying "not capturable"). Outside a capture, an execution
+really writes the outputs of a CPU run: every float output is filled with a value computed from the
+first input (its sum), so a replay that did not run is visible.
 """
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import json
+import math
 
+import numpy as np
 import onnx
+
+_NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "BF16": np.uint16, "INT32": np.int32, "INT64": np.int64,
+          "BOOL": np.bool_, "INT8": np.int8, "UINT8": np.uint8}
+
+
+def host_array(pointer: int, shape, dtype_name: str) -> np.ndarray:
+    """A numpy view of CPU memory at ``pointer`` (the fake runs on the CPU tensors of the runner tests)."""
+    dtype = np.dtype(_NUMPY[dtype_name])
+    count = math.prod(shape)
+    buffer = (ctypes.c_byte * (count * dtype.itemsize)).from_address(pointer)
+    return np.frombuffer(buffer, dtype=dtype, count=count).reshape(shape)
 
 
 class _Enum(enum.Enum):
@@ -28,10 +50,17 @@ class FakeTensorRT:
     fail_build = False
     last_flags: int | None = None
     last_timing_cache: bytes | None = None
+    last_config = None
+    reject_timing_cache = False  # create_timing_cache(non-empty blob) returns None (a foreign or damaged cache)
+    refuse_capture = False  # execute_async_v3 returns False while a graph is being captured
+    capturing = False  # set by the test's graph-capture stand-in
+    executions = 0  # executions that ran (not captured)
 
     DataType = _Enum("DataType", "FLOAT HALF BF16 INT32 INT64 BOOL INT8 UINT8")
     MemoryPoolType = _Enum("MemoryPoolType", "WORKSPACE")
     TensorIOMode = _Enum("TensorIOMode", "NONE INPUT OUTPUT")
+    PreviewFeature = _Enum("PreviewFeature", "PROFILE_SHARING_0806 ALIASED_PLUGIN_IO_10_03 RUNTIME_ACTIVATION_RESIZE_10_10")
+    HardwareCompatibilityLevel = _Enum("HardwareCompatibilityLevel", "NONE AMPERE_PLUS SAME_COMPUTE_CAPABILITY")
 
     class NetworkDefinitionCreationFlag:
         STRONGLY_TYPED = 1
@@ -119,13 +148,20 @@ class FakeTensorRT:
     class _Config:  # no set_flag: a precision flag would fail the build
         def __init__(self):
             self.builder_optimization_level = None
-            self.pools, self.profiles, self.cache = {}, [], None
+            self.hardware_compatibility_level = FakeTensorRT.HardwareCompatibilityLevel.NONE
+            self.pools, self.profiles, self.cache, self.preview = {}, [], None, {}
+            FakeTensorRT.last_config = self
 
         def set_memory_pool_limit(self, pool, size):
             self.pools[pool.name] = size
 
+        def set_preview_feature(self, feature, enable):
+            self.preview[feature.name] = enable
+
         def create_timing_cache(self, data):
             FakeTensorRT.last_timing_cache = bytes(data)
+            if data and FakeTensorRT.reject_timing_cache:
+                return None
             return FakeTensorRT._TimingCache(data)
 
         def set_timing_cache(self, cache, ignore_mismatch):
@@ -159,40 +195,68 @@ class FakeTensorRT:
             io = [[t.name, True, t.dtype.name] for t in network.inputs]
             io += [[t.name, False, t.dtype.name] for t in network.outputs]
             return json.dumps({"inputs": [t.name for t in network.inputs], "io": io, "profiles": config.profiles,
-                               "level": config.builder_optimization_level, "pools": config.pools}).encode()
+                               "level": config.builder_optimization_level, "pools": config.pools,
+                               "preview": config.preview,
+                               "hardware": config.hardware_compatibility_level.name}).encode()
 
 
     class _Context:
         def __init__(self, engine, strategy):
             self.engine, self.strategy, self.calls, self.shapes = engine, strategy, [], {}
+            self.addresses = {}
+            self.profile = 0
 
         def set_optimization_profile_async(self, index, stream):
+            if not 0 <= index < len(self.engine.ranges):
+                raise RuntimeError(f"profile index {index} is out of range")  # the binding raises
             self.calls.append(("profile", index))
             self.profile = index
             return True
 
         def set_input_shape(self, name, shape):
+            self.calls.append(("shape", name, tuple(shape)))
             self.shapes[name] = tuple(shape)
             return True
+
+        def update_device_memory_size_for_shapes(self):
+            return 4096 + sum(math.prod(shape) for shape in self.shapes.values())
 
         def get_tensor_shape(self, name):
             return FakeTensorRT.output_shape(name, self.shapes)  # the real library infers it
 
         def set_tensor_address(self, name, pointer):
             self.calls.append(("address", name, pointer))
+            self.addresses[name] = pointer
 
         def set_device_memory(self, pointer, size):
             self.calls.append(("memory", pointer, size))
 
         def execute_async_v3(self, stream):
+            if FakeTensorRT.capturing:
+                self.calls.append(("capture", stream))
+                return not FakeTensorRT.refuse_capture
             self.calls.append(("execute", stream))
+            FakeTensorRT.executions += 1
+            self._compute()
             return True
+
+        def _compute(self):
+            """Float outputs := 1 + sum of the first input (only when every tensor has an address)."""
+            io = {name: (is_input, dtype) for name, is_input, dtype in self.engine.io}
+            inputs = [name for name, (is_input, _) in io.items() if is_input]
+            if not inputs or any(name not in self.addresses for name in io) or FakeTensorRT.output_shape is None:
+                return
+            first = inputs[0]
+            value = 1.0 + float(host_array(self.addresses[first], self.shapes[first], io[first][1]).astype(np.float64).sum())
+            for name, (is_input, dtype) in io.items():
+                if not is_input and dtype in ("FLOAT", "HALF"):
+                    host_array(self.addresses[name], tuple(self.get_tensor_shape(name)), dtype)[...] = value
 
     output_shape = None  # set by runner tests: (output name, input shapes) -> shape
 
     class _Engine:
         def __init__(self, plan):
-            data = json.loads(plan)
+            data = json.loads(bytes(plan))
             self.io, self.ranges = data["io"], data["profiles"]
             self.contexts = []
 

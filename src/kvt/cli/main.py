@@ -5,6 +5,7 @@ exit code.
     kvt make-weights / convert-weights        checkpoint directories in the official layout
     kvt stages [--preset full] [--json]       the stage contract table
     kvt export / build / triton-repo          ONNX export, TensorRT plans, Triton repository
+    kvt plan-memory                           GPU memory of a set of plans (computed, not measured)
     kvt doctor                                what is installed and which backends will run
     kvt bench stage|e2e|flops|headline|triton benchmarks
 
@@ -21,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from kvt.cli import bench, build, doctor, export, generate, rehearse, serve, stages, triton, weights
+from kvt.cli import bench, build, doctor, export, generate, plan_memory, rehearse, serve, stages, triton, weights
 from kvt.cli.common import say
 from kvt.contract.errors import (  # noqa: F401  (EXIT_* re-exported for callers of main())
     EXIT_CANCELLED,
@@ -36,8 +37,8 @@ from kvt.contract.errors import (  # noqa: F401  (EXIT_* re-exported for callers
 )
 
 # Each module registers its subcommands (register(sub)) and sets ``func`` on them; order = help order.
-COMMANDS: tuple[ModuleType, ...] = (generate, weights, stages, export, build, triton, serve, rehearse, doctor,
-                                     bench)
+COMMANDS: tuple[ModuleType, ...] = (generate, weights, stages, export, build, plan_memory, triton, serve, rehearse,
+                                     doctor, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""The stage calls one request makes: its loops, their step counts and the video decoder's chunks.
+"""The stage calls one request makes: its loops, their step counts and the video decoder's chunks
+(:func:`video_decode_chunks`, kept beside the stage table that caps the decoder's chunk length by it).
 
 Derived from the stage table's facts (:mod:`kvt.contract.stages`) and the request's defaults
 (:mod:`kvt.contract.request`); the pipeline's recorded calls are checked against :func:`request_plan`
@@ -11,22 +12,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from kvt.contract.request import GenerationRequest
-from kvt.contract.stages import FPS_FRAMES, INTERPOLATION_PASSES, NUM_BASE_FRAMES, StageInputError, StageTable
+from kvt.contract.stages import (
+    FPS_FRAMES,
+    INTERPOLATION_PASSES,
+    NUM_BASE_FRAMES,
+    StageInputError,
+    StageTable,
+    video_decode_chunks,
+)
 
 _DEFAULT_STEPS = (GenerationRequest.key_frame_steps, GenerationRequest.base_frame_steps,
                   GenerationRequest.interpolation_steps)
-
-
-def video_decode_chunks(num_frames: int) -> list[int]:
-    """Chunk lengths of the official ``video.chunk(T // 4)`` (torch.chunk semantics)."""
-    if num_frames < 4:
-        return [num_frames]
-    chunks = num_frames // 4
-    size = -(-num_frames // chunks)
-    out = [size] * (num_frames // size)
-    if num_frames % size:
-        out.append(num_frames % size)
-    return out
 
 
 @dataclass(frozen=True)

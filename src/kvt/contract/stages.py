@@ -42,6 +42,23 @@ TEXT_CONTEXTS = ("prompt", "null")
 NULL_CONTEXT = TEXT_CONTEXTS.index("null")
 
 
+def video_decode_chunks(num_frames: int) -> list[int]:
+    """Chunk lengths of the official ``video.chunk(T // 4)`` (torch.chunk semantics)."""
+    if num_frames < 4:
+        return [num_frames]
+    chunks = num_frames // 4
+    size = -(-num_frames // chunks)
+    out = [size] * (num_frames // size)
+    if num_frames % size:
+        out.append(num_frames % size)
+    return out
+
+
+# The longest chunk the video decoder is called with (5 for 45 and 177 frames, 4 for 12): its table
+# range stops there, so no engine sizes activation memory for chunks the pipeline never makes.
+MAX_DECODE_CHUNK = max(max(video_decode_chunks(frames)) for frames in FPS_FRAMES.values())
+
+
 @dataclass(frozen=True)
 class Dim:
     """A dynamic dimension: its range and step. ``opt`` is what engines are tuned for."""
@@ -512,9 +529,10 @@ def build_stage_table(model: ModelDims, resolution: ResolutionRange = Resolution
             name="video_movq_decoder", network="video_movq",
             inputs=(TensorSpec("latent", DType.FP32, ("F", C, "h", "w"), "one chunk of frames"),),
             outputs=(TensorSpec("frames", DType.FP32, ("F", 3, "8h", "8w"), "nominally [-1, 1]"),),
-            dims={"F": Dim(1, 5, 8), "h": video_latent, "w": video_latent},
+            dims={"F": Dim(1, MAX_DECODE_CHUNK, MAX_DECODE_CHUNK), "h": video_latent, "w": video_latent},
             layout_input="latent",
-            doc="video MoVQ decoder on one chunk (chunks of video.chunk(T // 4): 4 / 5 / 5 and a 2)",
+            doc="video MoVQ decoder on one chunk (chunks of video.chunk(T // 4): 4 / 5 / 5 and a 2; "
+                "capped at the longest)",
         ),
     ]
     return StageTable(stages={s.name: s for s in stages}, model=model, resolution=resolution)

@@ -1,4 +1,5 @@
-"""Static check: every TensorRT name kvt uses exists in the TensorRT 10.13 API (the ``tensorrt-stubs`` .pyi files).
+"""Static check: every TensorRT name kvt uses exists in the TensorRT API of the oldest supported version
+and of the newest one stubs exist for (the ``tensorrt-stubs`` .pyi files of each).
 
 TensorRT itself often cannot be installed where kvt is developed, so the engine code cannot run against
 it; this check keeps a misspelt or removed name from reaching a GPU machine. mypy cannot read the stubs
@@ -19,9 +20,16 @@ Names only TensorRT 11.x has must be guarded (``getattr``/``hasattr``) and liste
 names TensorRT 11 removed are refused even though 10.13 has them (:data:`REMOVED_IN_11X`), except under
 a guard.
 
-    python -m kvt.engines.api_check [--stubs DIR]
+    python -m kvt.engines.api_check [--stubs DIR ...]
 
-prints one line per problem and exits 1 when there are any (2 when the stubs cannot be found).
+checks against every ``--stubs`` folder given (default: the installed stubs), prints one line per
+problem and exits 1 when there are any (2 when the stubs cannot be found). CI runs it with the stubs of
+:data:`kvt.runtime.backends.tensorrt.trt_env.MIN_TENSORRT_VERSION` (10.12) and of the newest release
+(10.13): ``pip install --no-deps --target DIR tensorrt-stubs==10.12.0.36.1``.
+
+:data:`INTRODUCED` records, for every TensorRT name kvt uses, the release that introduced it (read from
+NVIDIA/TensorRT's Python bindings, ``python/src``, at the release tags); a test checks that it covers
+every usage and that no entry is newer than the minimum version.
 
 The builder names ``tensorrt.DataType`` members through the contract's type table
 (``getattr(trt.DataType, dtype.tensorrt)``); those names are checked from the table itself
@@ -57,6 +65,42 @@ REMOVED_IN_11X: frozenset[str] = frozenset({
 })
 
 MODULE = "<module>"
+
+# Every TensorRT name kvt uses -> the first release whose Python bindings have it (NVIDIA/TensorRT
+# ``python/src`` at the release tags; "8.6" means 8.6 or earlier, the oldest tag compared). All of them
+# are still bound in TensorRT 11.1. docs/TENSORRT.md prints this table.
+_SINCE_8_6 = (
+    "Builder", "Builder.build_serialized_network", "Builder.create_builder_config", "Builder.create_network",
+    "Builder.create_optimization_profile", "DataType", "DataType.BOOL", "DataType.FLOAT", "DataType.HALF",
+    "DataType.INT32", "DataType.INT8", "DataType.UINT8", "HardwareCompatibilityLevel",
+    "IBuilderConfig.add_optimization_profile", "IBuilderConfig.builder_optimization_level",
+    "IBuilderConfig.create_timing_cache", "IBuilderConfig.get_timing_cache",
+    "IBuilderConfig.hardware_compatibility_level", "IBuilderConfig.set_memory_pool_limit",
+    "IBuilderConfig.set_preview_feature", "IBuilderConfig.set_timing_cache", "ICudaEngine.create_execution_context",
+    "ICudaEngine.get_tensor_dtype", "ICudaEngine.get_tensor_mode", "ICudaEngine.get_tensor_name",
+    "ICudaEngine.get_tensor_profile_shape", "ICudaEngine.num_io_tensors", "ICudaEngine.num_optimization_profiles",
+    "IExecutionContext.execute_async_v3", "IExecutionContext.get_tensor_shape", "IExecutionContext.set_input_shape",
+    "IExecutionContext.set_optimization_profile_async", "IExecutionContext.set_tensor_address", "ILogger",
+    "ILogger.Severity", "ILogger.Severity.ERROR", "ILogger.Severity.INTERNAL_ERROR", "ILogger.Severity.VERBOSE",
+    "ILogger.Severity.WARNING", "INetworkDefinition.get_input", "INetworkDefinition.get_output",
+    "INetworkDefinition.num_inputs", "INetworkDefinition.num_outputs", "IOptimizationProfile.set_shape",
+    "ITimingCache.serialize", "MemoryPoolType", "MemoryPoolType.WORKSPACE", "NetworkDefinitionCreationFlag",
+    "OnnxParser", "OnnxParser.get_error", "OnnxParser.num_errors", "OnnxParser.parse_from_file", "ParserError.code",
+    "ParserError.desc", "ParserError.node", "PreviewFeature", "Runtime", "Runtime.deserialize_cuda_engine",
+    "TensorIOMode", "TensorIOMode.INPUT", "__version__", "ICudaEngine.create_engine_inspector",
+    "EngineInspector.get_engine_information", "LayerInformationFormat", "LayerInformationFormat.JSON",
+    "IBuilderConfig.profiling_verbosity", "ProfilingVerbosity", "ProfilingVerbosity.DETAILED",
+)
+INTRODUCED: dict[str, str] = {
+    **{name: "8.6" for name in _SINCE_8_6},
+    "DataType.BF16": "9.0", "DataType.INT64": "9.0", "NetworkDefinitionCreationFlag.STRONGLY_TYPED": "9.0",
+    "ParserError.node_name": "9.1", "ParserError.node_operator": "9.1",
+    "ExecutionContextAllocationStrategy": "10.0", "ExecutionContextAllocationStrategy.USER_MANAGED": "10.0",
+    "IExecutionContext.update_device_memory_size_for_shapes": "10.0",
+    "ICudaEngine.device_memory_size_v2": "10.1", "IExecutionContext.set_device_memory": "10.1",
+    "HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY": "10.9",
+    "PreviewFeature.RUNTIME_ACTIVATION_RESIZE_10_10": "10.10",
+}
 
 # Return types the stubs leave out (annotated ``-> ...``), from TensorRT's Python API reference.
 RETURN_OVERRIDES: dict[tuple[str, str], str] = {("OnnxParser", "get_error"): "ParserError"}
@@ -132,10 +176,13 @@ class StubIndex:
         self.classes: dict[str, StubClass] = {}
         tree = _parse_tolerant((package_dir / "tensorrt.pyi").read_text())
         self.module_names: set[str] = set()
+        self.version = "unknown"  # the stubs' tensorrt.__version__
         self._collect(tree.body, prefix="")
         for path in [package_dir / "__init__.pyi"] + ([module_init] if module_init else []):
             if path.is_file():
-                self._collect_module_names(_parse_tolerant(path.read_text()))
+                module = _parse_tolerant(path.read_text())
+                self._collect_module_names(module)
+                self.version = _version_of(module) or self.version
 
     @classmethod
     def load(cls, package_dir: Path | None = None) -> StubIndex | None:
@@ -199,6 +246,18 @@ class StubIndex:
         if name is None:
             return None
         return name if name in self.classes else None
+
+
+def _version_of(module: ast.Module) -> str | None:
+    """``__version__: str = '10.13.0.35'`` of a stub module."""
+    for node in module.body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (
+            node.targets[0] if isinstance(node, ast.Assign) and node.targets else None)
+        value = getattr(node, "value", None)
+        if (isinstance(target, ast.Name) and target.id == "__version__" and isinstance(value, ast.Constant)
+                and isinstance(value.value, str)):
+            return value.value
+    return None
 
 
 def _defined_names(node: ast.stmt) -> set[str]:
@@ -418,7 +477,7 @@ def check_usages(stubs: StubIndex, usages: Sequence[Usage], allowed_11x: dict[st
                 continue
             extra = (" (allow-listed 11.x name used without a hasattr/getattr guard)"
                      if usage.qualified in allowed else "")
-            problems.append(f"{where}: tensorrt {usage.qualified} does not exist in TensorRT 10.13{extra}")
+            problems.append(f"{where}: tensorrt {usage.qualified} does not exist in TensorRT {stubs.version}{extra}")
         elif usage.qualified in removed_11x and not usage.guarded:
             problems.append(f"{where}: tensorrt {usage.qualified} was removed in TensorRT 11")
     return problems
@@ -475,28 +534,40 @@ def check_kvt(stubs: StubIndex, package_dir: Path | None = None) -> tuple[list[U
     return usages, check_usages(stubs, usages)
 
 
+def stub_folder(path: Path) -> Path:
+    """The ``tensorrt_bindings`` folder of ``path`` (that folder itself, or a ``pip --target`` folder)."""
+    return path / "tensorrt_bindings" if (path / "tensorrt_bindings" / "tensorrt.pyi").is_file() else path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m kvt.engines.api_check``: 0 when every name exists, 1 when there are problems, 2 when
-    the stubs are not found."""
+    """``python -m kvt.engines.api_check``: 0 when every name exists in every stub set, 1 when there are
+    problems, 2 when stubs are not found."""
     parser = argparse.ArgumentParser(prog="python -m kvt.engines.api_check",
                                      description="Check every TensorRT name kvt uses against the tensorrt-stubs.")
-    parser.add_argument("--stubs", metavar="DIR", type=Path,
-                        help="the tensorrt_bindings stub folder holding tensorrt.pyi "
-                             "(default: the installed tensorrt-stubs)")
+    parser.add_argument("--stubs", metavar="DIR", type=Path, action="append", default=[],
+                        help="a tensorrt_bindings stub folder holding tensorrt.pyi, or a `pip install --target` "
+                             "folder of tensorrt-stubs (repeatable; default: the installed tensorrt-stubs)")
     args = parser.parse_args(argv)
-    stubs = StubIndex.load(args.stubs)
-    if stubs is None:
-        where = args.stubs or "the installed packages"
-        print(f"api_check: no tensorrt.pyi in {where} (`pip install --no-deps tensorrt-stubs==10.13.*`)",
-              file=sys.stderr)
-        return 2
-    usages, problems = check_kvt(stubs)
-    for problem in problems:
-        print(problem)
-    files = len({u.file for u in usages})
-    print(f"api_check: {len(usages)} TensorRT usages in {files} files, {len(problems)} problem(s)",
-          file=sys.stderr)
-    return 1 if problems else 0
+    folders: list[Path | None] = [stub_folder(p) for p in args.stubs] or [None]
+    failed = False
+    for folder in folders:
+        stubs = StubIndex.load(folder)
+        if stubs is None:
+            where = folder or "the installed packages"
+            print(f"api_check: no tensorrt.pyi in {where} (`pip install --no-deps tensorrt-stubs==10.13.*`)",
+                  file=sys.stderr)
+            return 2
+        usages, problems = check_kvt(stubs)
+        for problem in problems:
+            print(problem)
+        missing = sorted({u.qualified for u in usages} - set(INTRODUCED))
+        for name in missing:
+            print(f"api_check: tensorrt {name} is used but INTRODUCED does not say which release added it")
+        files = len({u.file for u in usages})
+        print(f"api_check: TensorRT {stubs.version}: {len(usages)} TensorRT usages in {files} files, "
+              f"{len(problems)} problem(s)", file=sys.stderr)
+        failed |= bool(problems or missing)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

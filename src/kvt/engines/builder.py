@@ -1,23 +1,36 @@
 """ONNX -> TensorRT plans, one per stage, through the engine cache.
 
 Networks are built STRONGLY TYPED: every tensor keeps the type the ONNX graph gives it, so the FP16
-U-Nets of an fp16 export run in FP16 with the FP32 islands the exporter kept (norms, softmax,
-embeddings), and the FP32 T5 / MoVQs stay FP32. This is the only mode TensorRT 11 has (it removed the
-FP16 builder flag and the other weak-typing switches) and TensorRT 10 supports it, as NVIDIA's
-demo/Diffusion builds its engines. No precision flag is ever set.
+U-Nets of an fp16 export run in FP16 with the FP32 islands the exporter kept (norms, embeddings), the
+MoVQs stay FP32, and the text encoder is BF16 (its exported FP32 graph is rewritten with BF16 GEMM and
+embedding weights, :mod:`kvt.engines.precision`; ``--text-encoder-precision fp32`` keeps it FP32).
+Strong typing is the only mode TensorRT 11 has (it removed the FP16 builder flag and the other
+weak-typing switches; the STRONGLY_TYPED creation flag is still bound there, value 0 and ignored) and
+TensorRT 10 has it complete from 10.12 on. No precision flag is ever set. TensorRT's TF32 builder flag
+is on by default: FP32 convolutions and GEMMs (MoVQs) may run in TF32.
+
+Before any TensorRT object exists: the export's files, the profiles, TensorRT and the GPU, the static
+checks of the graphs (:mod:`kvt.engines.static_checks`: support matrix and build-time constants must
+pass; attention that cannot fuse is reported) and the memory plan (:mod:`kvt.engines.memory_plan`: a set
+of plans that cannot fit the GPU is refused).
 
 Per stage: parse the ONNX file (parser errors are reported with node index, name and operator),
 check the network's inputs and outputs against the stage table, add one optimisation profile per
-profile of :mod:`kvt.contract.profiles`, set the optimisation level, the workspace limit and the shared
-timing cache (loaded before, saved after every plan), build, and store the plan in the cache.
+profile of :mod:`kvt.contract.profiles`, set the optimisation level, the workspace limit, the
+RUNTIME_ACTIVATION_RESIZE preview feature (activation memory sized by the shapes in use at run time),
+optionally SAME_COMPUTE_CAPABILITY hardware compatibility, and the timing cache of this TensorRT
+version and GPU (loaded before, saved after every plan), build, and stream the plan into the cache.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import shutil
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -28,13 +41,18 @@ from kvt.contract.errors import KvtError, UserError
 from kvt.contract.files import replace_dir, temporary_dir_beside
 from kvt.contract.files import write_bytes_atomic as write_atomic
 from kvt.contract.profiles import Profile, Resolution, describe_profiles, input_shapes, select_profiles
-from kvt.contract.stages import StageSpec
+from kvt.contract.stages import StageSpec, StageTable
+from kvt.engines import memory_plan
+from kvt.engines.precision import rewrite_bf16_weights
+from kvt.engines.static_checks import GraphReport, check_export, require_clean
 from kvt.formats.engine_cache import EngineCache, make_key, onnx_digest
-from kvt.formats.engine_dir import PlanEntry
+from kvt.formats.engine_dir import ANY_DEVICE, PlanEntry
 from kvt.formats.export_dir import ExportManifest, ExportManifestError
+from kvt.models.registry import network_spec
 from kvt.runtime.backends.tensorrt.trt_env import (
     GpuInfo,
     TensorRTUnavailable,
+    check_tensorrt_version,
     import_tensorrt,
     make_logger,
     require_gpu,
@@ -54,20 +72,33 @@ class EngineBuildError(KvtError, RuntimeError):
     """TensorRT could not build a plan (unsupported layer, out of memory, ...)."""
 
 
+TEXT_ENCODER_PRECISIONS = ("bf16", "fp32")
+
+
 @dataclass(frozen=True)
 class BuildOptions:
     optimization_level: int = 3  # TensorRT's builder_optimization_level, 0..5 (3 = TensorRT's default)
-    workspace_bytes: int | None = None  # MemoryPoolType.WORKSPACE limit; None: TensorRT's (device memory)
-    timing_cache: Path | None = None  # default: <engine dir>/timing.cache
+    # MemoryPoolType.WORKSPACE limit (tactic scratch, part of a context's activation memory, so the memory
+    # plan counts it); None: TensorRT's default, the whole device memory (the plan then cannot bound it).
+    workspace_bytes: int | None = memory_plan.DEFAULT_WORKSPACE_BYTES
+    timing_cache: Path | None = None  # default: <engine dir>/timing-<TensorRT version>-<GPU>.cache
     force: bool = False  # rebuild even when a valid plan with the same key exists
     overwrite: bool = False  # allow replacing plans of another export in the output directory
     verbose: bool = False  # TensorRT's INFO messages
+    text_encoder_precision: str = "bf16"  # "fp32": the exported FP32 graph as it is (about 35 GB full size)
+    same_compute_capability: bool = False  # plans for every GPU of the build GPU's compute capability
+    memory_check: bool = True  # refuse a set of plans the memory plan says cannot fit the GPU
+    static_checks: bool = True  # refuse graphs outside the support matrix or with computed constants
+    detailed_profiling: bool = False  # ProfilingVerbosity.DETAILED: the engine inspector shows layer details
 
     def __post_init__(self) -> None:
         if not 0 <= self.optimization_level <= 5:
             raise UserError(f"optimisation level {self.optimization_level}: allowed 0..5")
         if self.workspace_bytes is not None and self.workspace_bytes <= 0:
             raise UserError(f"workspace {self.workspace_bytes} bytes: must be positive")
+        if self.text_encoder_precision not in TEXT_ENCODER_PRECISIONS:
+            raise UserError(f"text encoder precision {self.text_encoder_precision!r}: allowed "
+                            f"{list(TEXT_ENCODER_PRECISIONS)}")
 
 
 @dataclass
@@ -85,6 +116,8 @@ class BuildResult:
     gpu: GpuInfo
     stages: list[StageResult] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # stages no requested mode calls
+    memory: memory_plan.MemoryPlan | None = None  # the plan checked before building (None: not checked)
+    checks: dict[str, GraphReport] = field(default_factory=dict)  # static checks of the built graphs
 
 
 # ------------------------------------------------------------------------------------ TensorRT side
@@ -95,8 +128,9 @@ def trt_dtype(trt: ModuleType, dtype: DType) -> Any:
 
 
 def strongly_typed_flags(trt: ModuleType) -> int:
-    """Network creation flags: STRONGLY_TYPED (TensorRT 10); 11.x is strongly typed always and may drop
-    the flag, in which case none is needed."""
+    """Network creation flags: STRONGLY_TYPED (value 1 in TensorRT 10, so 1 << 1). TensorRT 11 is
+    strongly typed always; it keeps the enum value (0) for API compatibility and ignores it
+    (NvInfer.h 11.1), so the same expression works there."""
     flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     return 0 if flag is None else 1 << int(flag)
 
@@ -139,7 +173,7 @@ def check_network_io(trt: ModuleType, network: Any, spec: StageSpec, path: Path)
 
 @dataclass
 class BuiltPlan:
-    plan: bytes
+    plan: bytes | memoryview  # any buffer; TensorRT's IHostMemory is passed through as a memoryview (no copy)
     timing_cache: bytes
     seconds: float
 
@@ -167,6 +201,7 @@ class TensorRTPlanMaker:
     """Real plans, built with the TensorRT library ``trt`` for ``gpu``."""
 
     def __init__(self, trt: ModuleType, gpu: GpuInfo) -> None:
+        check_tensorrt_version(trt)
         self.trt = trt
         self._gpu = gpu
 
@@ -181,6 +216,19 @@ class TensorRTPlanMaker:
     def make(self, onnx_path: Path, spec: StageSpec, profiles: Sequence[Profile], options: BuildOptions,
              timing_cache: bytes) -> BuiltPlan:
         return build_plan(self.trt, onnx_path, spec, profiles, options, timing_cache)
+
+
+def set_timing_cache(config: Any, data: bytes) -> None:
+    """Load ``data`` into the builder config's timing cache, or an empty cache when TensorRT rejects it
+    (another version or GPU, or corrupt: ``create_timing_cache`` may then return None, as Polygraphy
+    guards, and ``set_timing_cache`` returns False on a mismatch)."""
+    cache = config.create_timing_cache(data) if data else None
+    if cache is None or not config.set_timing_cache(cache, False):
+        if data:
+            log.warning("the timing cache does not fit this TensorRT/GPU (or is damaged): starting an empty one")
+        cache = config.create_timing_cache(b"")
+        if cache is None or not config.set_timing_cache(cache, False):
+            raise EngineBuildError("TensorRT could not create an empty timing cache")
 
 
 def build_plan(trt: ModuleType, onnx_path: Path, spec: StageSpec, profiles: Sequence[Profile],
@@ -198,25 +246,29 @@ def build_plan(trt: ModuleType, onnx_path: Path, spec: StageSpec, profiles: Sequ
     config.builder_optimization_level = options.optimization_level
     if options.workspace_bytes is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
-    cache = config.create_timing_cache(timing_cache)
-    if not config.set_timing_cache(cache, False):
-        log.warning("the timing cache does not fit this TensorRT/GPU: starting an empty one")
-        cache = config.create_timing_cache(b"")
-        config.set_timing_cache(cache, False)
+    # update_device_memory_size_for_shapes may then size activations for the shapes in use (10.10+).
+    resize = getattr(trt.PreviewFeature, "RUNTIME_ACTIVATION_RESIZE_10_10", None)
+    if resize is not None:
+        config.set_preview_feature(resize, True)
+    if options.same_compute_capability:
+        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY
+    if options.detailed_profiling:
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    set_timing_cache(config, timing_cache)
     for profile in profiles:
         trt_profile = builder.create_optimization_profile()
         for name, (low, opt, high) in input_shapes(spec, profile).items():
             trt_profile.set_shape(name, low, opt, high)
         config.add_optimization_profile(trt_profile)
 
+    mark = len(logger.errors)  # errors logged before (a rejected timing cache) are not this build's
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        errors = "; ".join(logger.errors[-5:]) or "see TensorRT's log (run with --verbose)"
+        errors = "; ".join(logger.errors[mark:][-5:]) or "see TensorRT's log (run with --verbose)"
         raise EngineBuildError(f"{onnx_path}: TensorRT could not build stage {spec.name!r} with profiles "
                                f"{describe_profiles(profiles)}: {errors}")
-    plan = bytes(memoryview(serialized))
     new_cache = bytes(memoryview(config.get_timing_cache().serialize()))
-    return BuiltPlan(plan, new_cache, time.perf_counter() - start)
+    return BuiltPlan(memoryview(serialized), new_cache, time.perf_counter() - start)
 
 
 # ------------------------------------------------------------------------------------ the build
@@ -244,6 +296,70 @@ def copy_assets(export_dir: Path, assets: dict[str, str], out_dir: Path) -> None
             raise ExportManifestError(f"{source}: missing (listed in the export manifest's assets)")
 
 
+def is_text_encoder(spec: StageSpec) -> bool:
+    return network_spec(spec.network).family == "text_encoder"
+
+
+def plan_precision(spec: StageSpec, exported: str, options: BuildOptions) -> str:
+    """The precision of the plan of ``spec``: the graph's, except the FP32 text encoder built as BF16."""
+    if is_text_encoder(spec) and exported == "fp32" and options.text_encoder_precision == "bf16":
+        return "bf16"
+    return exported
+
+
+def check_graphs(onnx_dir: Path, names: Sequence[str], report: Report) -> dict[str, GraphReport]:
+    """Support matrix and build-time constants must pass (TensorRT would refuse or mis-build the graph);
+    attention outside the fusable form is reported (the memory plan counts its score matrices)."""
+    reports = check_export(onnx_dir, names, checks=("support", "constants"))
+    require_clean(reports)
+    for name, graph in reports.items():
+        unfused = [site for site in graph.attention if not site.fusable_form]
+        if unfused:
+            report(f"{name}: {len(unfused)} attention site(s) TensorRT cannot fuse (first: "
+                   f"{unfused[0].describe()}); re-export with this kvt version")
+    return reports
+
+
+def check_memory(export: ExportManifest, table: StageTable, plan_profiles: Mapping[str, Sequence[Profile]],
+                 precisions: Mapping[str, str], checks: Mapping[str, GraphReport], gpu: GpuInfo,
+                 options: BuildOptions, report: Report) -> memory_plan.MemoryPlan | None:
+    """The memory plan of this build on ``gpu``; refuses a set whose plans cannot fit it."""
+    preset = export.model.get("preset")
+    try:
+        request = memory_plan.preset_request(str(preset), [], [], precisions=precisions)
+    except (UserError, ValueError):
+        report(f"memory plan skipped: the export records no known preset ({preset!r})")
+        return None
+    unfused = {}
+    for name, graph in checks.items():
+        dtypes = {memory_plan.onnx_to_torch_dtype(site.dtype) for site in graph.attention
+                  if not site.fused_kernel_expected}
+        unfused[name] = frozenset(d for d in dtypes if d is not None)
+    request = dataclasses.replace(
+        request, table=table, profiles=dict(plan_profiles),
+        workspace_bytes=options.workspace_bytes or 0, unfused_dtypes=unfused if checks else None)
+    target = memory_plan.GpuSpec(gpu.name, gpu.total_memory)
+    plan = memory_plan.Planner.shared().plan(request, target, f"{preset} build")
+    if options.workspace_bytes is None:
+        plan.notes.append("the builder workspace is unlimited (no --workspace): not counted")
+    totals = plan.tensorrt_totals()
+    report(f"memory plan (computed, not measured): {totals.total / 2**30:.1f} GiB of {gpu.total_memory / 2**30:.1f} "
+           f"GiB for the TensorRT backend ({plan.spare('tensorrt') * 100:.0f} % spare; weights "
+           f"{totals.weights / 2**30:.1f}, activations {totals.activations / 2**30:.1f} GiB)")
+    # Triton holds activation memory per model: reported, not refused (the plans serve both backends).
+    triton = plan.triton_totals()
+    report(f"memory plan for Triton (activations per model, {plan.strategy}): {triton.total / 2**30:.1f} GiB "
+           f"({plan.spare('triton') * 100:.0f} % spare)"
+           + ("" if plan.fits("triton", memory_plan.DEFAULT_MIN_SPARE) else
+              f"; warning: under {memory_plan.DEFAULT_MIN_SPARE * 100:.0f} % free under Triton on this GPU "
+              "(see `kvt plan-memory` and docs/TENSORRT.md)"))
+    if options.memory_check:
+        memory_plan.require_fit(plan, ["tensorrt"], 0.0)
+        if not plan.fits("tensorrt", memory_plan.DEFAULT_MIN_SPARE):
+            report(f"warning: less than {memory_plan.DEFAULT_MIN_SPARE * 100:.0f} % of the GPU stays free")
+    return plan
+
+
 def build_engines(
     onnx_dir: str | Path,
     out_dir: str | Path,
@@ -260,9 +376,11 @@ def build_engines(
 ) -> BuildResult:
     """Build (or reuse) one plan per stage into ``out_dir``.
 
-    Everything cheap is checked first (export manifest and files, profiles), then TensorRT and the GPU,
-    before any TensorRT object exists. ``trt`` and ``gpu`` are for tests (a fake library); by default
-    the real ones are found. ``maker`` replaces TensorRT altogether (stand-in plans of ``kvt rehearse``).
+    Everything is checked before any TensorRT object exists: export manifest and files, profiles, then
+    TensorRT and the GPU (a machine without them stops here, at once), the graphs' static checks and
+    the memory plan. ``trt`` and
+    ``gpu`` are for tests (a fake library); by default the real ones are found. ``maker`` replaces
+    TensorRT altogether (stand-in plans of ``kvt rehearse``).
     """
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
     export = ExportManifest.read(onnx_dir)
@@ -274,36 +392,50 @@ def build_engines(
                                   f"{sorted(export.stages)})")
     export.verify_files(onnx_dir, names)
     plan_profiles = select_profiles(table, resolutions, fps_modes, names, table_batch=table_batch)
+    precisions = {name: plan_precision(table[name], export.stages[name].compute_precision, options)
+                  for name in plan_profiles}
 
-    if maker is None:
+    if maker is None:  # finds TensorRT and the GPU; no TensorRT object exists before the first make()
         maker = TensorRTPlanMaker(trt if trt is not None else import_tensorrt(),
                                   gpu if gpu is not None else require_gpu())
     version, gpu = maker.version, maker.gpu
+    checks = check_graphs(onnx_dir, list(plan_profiles), report) if options.static_checks else {}
+    if "bf16" in precisions.values() and _capability(gpu) < (8, 0):
+        raise UserError(f"{gpu}: BF16 plans need compute capability 8.0 or newer; build the text encoder "
+                        "with --text-encoder-precision fp32")
+    planned = check_memory(export, table, plan_profiles, precisions, checks, gpu, options, report)
+    device = ANY_DEVICE if options.same_compute_capability else gpu.name
 
     cache = EngineCache(out_dir)
     cache.open_for(str(onnx_dir.resolve()), export_summary(export), overwrite=options.overwrite)
     copy_assets(onnx_dir, export.assets, out_dir)
-    timing_path = options.timing_cache or cache.timing_cache_path
+    timing_path = options.timing_cache or cache.timing_cache_path(version, device if device != ANY_DEVICE
+                                                                  else f"sm{gpu.compute_capability}")
     timing = cache.load_timing_cache(timing_path)
-    result = BuildResult(out_dir, version, gpu, skipped=[n for n in names if n not in plan_profiles])
+    result = BuildResult(out_dir, version, gpu, skipped=[n for n in names if n not in plan_profiles],
+                         memory=planned, checks=checks)
     for name in result.skipped:
         report(f"{name}: skipped (no requested fps mode calls it)")
+    target = (f"any GPU of compute capability {gpu.compute_capability}" if device == ANY_DEVICE
+              else f"{gpu.name} ({gpu.sm_count} SMs)")
     for name in names:
         if name not in plan_profiles:
             continue
         entry = export.stages[name]
         profiles = plan_profiles[name]
-        key = make_key(name, onnx_digest(entry.files), profiles, entry.compute_precision, version,
-                       gpu.compute_capability, options.optimization_level)
+        precision = precisions[name]
+        key = make_key(name, onnx_digest(entry.files), profiles, precision, version, gpu.compute_capability,
+                       options.optimization_level, device, gpu.sm_count)
         found = None if options.force else cache.lookup(key)
         if found is not None:
             report(f"{name}: reusing {out_dir / found.plan} (same ONNX, profiles, precision, TensorRT "
-                   f"{version}, compute capability {gpu.compute_capability})")
+                   f"{version}, {target})")
             result.stages.append(StageResult(name, found, True, 0.0))
             continue
-        report(f"{name}: building ({entry.compute_precision} graph, strongly typed; profiles "
-               f"{describe_profiles(profiles)}) for {gpu}")
-        built = maker.make(onnx_dir / entry.file, table[name], profiles, options, timing)
+        report(f"{name}: building ({precision} plan of the {entry.compute_precision} graph, strongly typed; "
+               f"profiles {describe_profiles(profiles)}) for {gpu}")
+        with _graph_for(onnx_dir / entry.file, precision != entry.compute_precision, out_dir, name, report) as graph:
+            built = maker.make(graph, table[name], profiles, options, timing)
         stored = cache.store(key, built.plan, built.seconds)
         if built.timing_cache:
             timing = built.timing_cache
@@ -311,6 +443,30 @@ def build_engines(
         report(f"{name}: built {out_dir / stored.plan} ({stored.bytes / 2**20:.1f} MiB) in {built.seconds:.1f} s")
         result.stages.append(StageResult(name, stored, False, built.seconds))
     return result
+
+
+def _capability(gpu: GpuInfo) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in gpu.compute_capability.split("."))
+    except ValueError:
+        return (0,)
+
+
+@contextlib.contextmanager
+def _graph_for(path: Path, bf16: bool, out_dir: Path, stage: str, report: Report) -> Iterator[Path]:
+    """``path`` itself, or (``bf16``) a BF16-weight rewrite of it in a temporary folder of ``out_dir``
+    that is removed after the build."""
+    if not bf16:
+        yield path
+        return
+    folder = out_dir / f".{stage}.bf16-{uuid.uuid4().hex[:8]}"
+    try:
+        rewritten = rewrite_bf16_weights(path, folder / path.name)
+        report(f"{stage}: {rewritten.converted} GEMM/embedding weights as BF16 "
+               f"({rewritten.bytes_before / 1e9:.2f} -> {rewritten.bytes_after / 1e9:.2f} GB)")
+        yield rewritten.path
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 __all__ = ["BuildOptions", "BuildResult", "EngineBuildError", "OnnxParseError", "PlanMaker", "StageResult",

@@ -3,11 +3,17 @@
 1. strip the exporter's per-node metadata (stack traces and scopes: most of a graph-only file);
 2. constants as typed initializers, then constant folding and shape inference with Polygraphy (the
    shape arithmetic of dynamic axes);
-3. ``CastLike`` with a known target rewritten as ``Cast``; onnx-graphsurgeon clean-up (dead nodes,
-   unused weight inputs) and topological sort;
-4. FP16 graphs: Softmax computed in FP32 (Cast in, Cast out), as the official autocast does;
-5. checks that the graph is TensorRT-parseable: opset 18, no sequence or control-flow ops, the stage's
+3. ``CastLike`` with a known target rewritten as ``Cast``, ``Shape`` of a weight (a graph input of
+   static shape until attach.py) replaced by its value, and a second fold: what the first could not
+   reach (GroupNorm's InstanceNormalization scale/bias, the computed zero bias of bias-free convolutions)
+   becomes an initializer, as TensorRT's parser wants build-time constants; onnx-graphsurgeon clean-up
+   (dead nodes, unused weight inputs) and topological sort;
+4. checks that the graph is TensorRT-parseable: opset 18, no sequence or control-flow ops, the stage's
    inputs and outputs intact.
+
+Softmax keeps the graph's dtype: TensorRT's fused attention kernels accumulate in FP32 anyway, and Casts
+around Softmax would break the BMM1 -> Softmax -> BMM2 pattern it fuses (kvt.engines.static_checks
+lints it).
 """
 
 from __future__ import annotations
@@ -130,29 +136,32 @@ def castlike_to_cast(model: onnx.ModelProto) -> int:
     return rewritten
 
 
-def softmax_in_fp32(model: onnx.ModelProto) -> int:
-    """Wrap every FP16 Softmax in Casts so it computes in FP32. Returns how many were wrapped."""
+def fold_weight_shapes(model: onnx.ModelProto) -> int:
+    """``Shape`` of a graph input whose shape is static (the weights, graph inputs until attach.py) ->
+    an int64 initializer, so the folding after it reaches what depends on a weight's shape (torchlib's
+    zero bias of a bias-free convolution is ``Expand(0, Shape(weight)[:1])``). Returns how many."""
     import numpy as np
-    import onnx_graphsurgeon as gs
+    from onnx import numpy_helper
 
-    graph = gs.import_onnx(model)
-    wrapped = 0
-    for node in [n for n in graph.nodes if n.op == "Softmax"]:
-        source, target = node.inputs[0], node.outputs[0]
-        if source.dtype != np.float16:
+    static = {}
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            static[value.name] = [d.dim_value for d in dims]
+    kept, folded = [], 0
+    for node in model.graph.node:
+        if node.op_type != "Shape" or node.input[0] not in static:
+            kept.append(node)
             continue
-        upcast = gs.Variable(f"{node.name}_in_fp32", dtype=np.float32, shape=source.shape)
-        result = gs.Variable(f"{node.name}_out_fp32", dtype=np.float32, shape=target.shape)
-        graph.nodes.append(gs.Node("Cast", f"{node.name}_cast_in", {"to": onnx.TensorProto.FLOAT},
-                                   inputs=[source], outputs=[upcast]))
-        graph.nodes.append(gs.Node("Cast", f"{node.name}_cast_out", {"to": onnx.TensorProto.FLOAT16},
-                                   inputs=[result], outputs=[target]))
-        node.inputs = [upcast]
-        node.outputs = [result]
-        wrapped += 1
-    graph.toposort()
-    model.CopyFrom(gs.export_onnx(graph))
-    return wrapped
+        attrs = {a.name: a.i for a in node.attribute}
+        shape = static[node.input[0]]
+        start, end = attrs.get("start", 0), attrs.get("end", len(shape))
+        model.graph.initializer.append(
+            numpy_helper.from_array(np.asarray(shape[start:end], dtype=np.int64), node.output[0]))
+        folded += 1
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return folded
 
 
 def check_graph(model: onnx.ModelProto, spec: StageSpec, opset: int) -> None:
@@ -171,19 +180,21 @@ def check_graph(model: onnx.ModelProto, spec: StageSpec, opset: int) -> None:
 
 
 def clean_graph(path: Path, spec: StageSpec, opset: int, fp16: bool) -> dict[str, int]:
-    """Clean the graph-only model at ``path`` in place; returns node counts and the Softmax casts."""
+    """Clean the graph-only model at ``path`` in place; returns node counts. ``fp16`` needs no pass of
+    its own any more (Softmax keeps the graph's dtype); kept for the exporter's call."""
     model = onnx.load(str(path))
     before = len(model.graph.node)
     strip_metadata(model)
     constants_to_initializers(model)
     model = fold_and_infer(model)
     castlike = castlike_to_cast(infer_types(model))
+    shapes = fold_weight_shapes(model)
+    model = fold_and_infer(model)  # the second fold (kvt.engines.static_checks checks a third removes nothing)
     model = graphsurgeon_cleanup(model, spec.input_names)
-    wrapped = softmax_in_fp32(infer_types(model)) if fp16 else 0
     model = infer_types(model)
     check_graph(model, spec, opset)
     onnx.save(model, str(path))
     stats = {"nodes_exported": before, "nodes": len(model.graph.node), "castlike_to_cast": castlike,
-             "softmax_fp32": wrapped}
-    log.info("stage %s: %d -> %d nodes, %d Softmax in fp32", spec.name, before, len(model.graph.node), wrapped)
+             "weight_shapes_folded": shapes}
+    log.info("stage %s: %d -> %d nodes", spec.name, before, len(model.graph.node))
     return stats

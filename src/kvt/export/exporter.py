@@ -6,8 +6,8 @@ compute precision, trace the graph (graph_export.py), clean it (cleanup.py), str
 every stage against torch float32 (parity.py), the manifest.
 
 Precision policy of ``--precision fp16``: the three U-Net stages compute in FP16 (weights FP16, the
-modules' own FP32 islands: group norms, the projection LayerNorm, sinusoidal embeddings; Softmax in
-FP32 too); the MoVQs stay FP32 unless ``fp16_movq`` (output-changing, off by default, spec
+modules' own FP32 islands: group norms, the projection LayerNorm, sinusoidal embeddings; attention's
+Softmax stays FP16 so TensorRT can fuse it, its kernels accumulate in FP32); the MoVQs stay FP32 unless ``fp16_movq`` (output-changing, off by default, spec
 deployment.md); the T5 text encoder always stays FP32 (T5 activations overflow FP16; BF16 has poor
 ONNX Runtime CPU coverage). Every graph keeps the stage table's FP32/INT32/BOOL inputs and outputs.
 
@@ -236,7 +236,7 @@ def export_onnx(source: ExportSource, out_dir: str | Path, options: ExportOption
                "preset": source.preset, "resolution": [table.resolution.min, table.resolution.opt,
                                                        table.resolution.max]},
         source={**source.describe(), **opened.digest()}, tools=tool_versions(),
-        options={"fp16_movq": options.fp16_movq, "softmax": "fp32",
+        options={"fp16_movq": options.fp16_movq, "softmax": "graph",
                  "compute": {table[s].network: options.compute_precision(table[s].network) for s in stages}},
         stages={s: None for s in stages},  # type: ignore[misc]  # identity needs the names only
     )

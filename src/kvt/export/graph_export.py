@@ -1,7 +1,7 @@
 """Torch -> ONNX for one stage: the graph only, traced from a network on the meta device.
 
-Opset 18: the TensorRT 10.0 parser reads opsets 9-20 and TensorRT 11 up to 25, so 18 parses on every
-10.x and 11.x; torch's dynamo exporter needs >= 18 (its opset-17 output has an invalid Split); and
+Opset 18: TensorRT 10.0's parser reads opsets 9-20 (10.15: 9-24) and TensorRT 11.0-11.4 up to 24
+(11.5: 25), so 18 parses on every 10.x and 11.x; torch's dynamo exporter needs >= 18 (its opset-17 output has an invalid Split); and
 opset 21's redefined GroupNormalization is avoided (group norms export as InstanceNormalization, which
 every TensorRT 10.x parses).
 
@@ -23,9 +23,9 @@ from torch import nn
 
 from kvt.contract.errors import KvtError
 from kvt.contract.stages import StageSpec, axis_name
+from kvt.formats.export_dir import WEIGHT_PREFIX
 
 OPSET = 18
-WEIGHT_PREFIX = "network."
 
 log = logging.getLogger(__name__)
 

@@ -1,22 +1,26 @@
 """The engine cache: plans stored under their build key, reused when every part of the key matches.
 
 A plan depends on the stage's ONNX file, the optimisation profiles, the compute precision of the graph,
-the TensorRT version and the GPU's compute capability (see :class:`kvt.formats.engine_dir.BuildKey`).
-``kvt build`` asks :meth:`EngineCache.lookup` first and builds only on a miss; consumers ask
-:meth:`EngineCache.select` for the plan of *their* TensorRT version and GPU and never get another one
-(a plan from another version or GPU fails to deserialize or, worse, runs wrong kernels).
+the TensorRT version and the GPU (model name, SM count, compute capability; see
+:class:`kvt.formats.engine_dir.BuildKey`). ``kvt build`` asks :meth:`EngineCache.lookup` first and builds
+only on a miss; consumers ask :meth:`EngineCache.select` for the plan of *their* TensorRT version and GPU
+and never get another one (a plan from another version or GPU fails to deserialize or, worse, runs
+kernels tuned for another chip).
 
-One plan per stage, TensorRT version and compute capability is kept: storing a new one replaces the
-entry (and removes the file) of an older build for the same GPU and version, so the directory always
-describes the last build. Plans are written to a temporary name and renamed; the manifest is
-rewritten atomically under a file lock, so two builds into one directory cannot lose each other's
-entries.
+One plan per stage, TensorRT version and GPU is kept: storing a new one replaces the entry (and removes
+the file) of an older build for the same GPU and version, so the directory always describes the last
+build. Plans are written to a temporary name and renamed, streamed from TensorRT's buffer and hashed
+on the way (no copy of a multi-GB plan in host memory); the manifest is rewritten atomically under a
+file lock, so two builds into one directory cannot lose each other's entries. Loading maps the file and
+checks its size and fingerprint (size, first and last MiB): a truncated or replaced plan is refused
+without reading gigabytes; :meth:`EngineCache.verify` re-hashes the whole file on demand.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import mmap
 import os
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -25,16 +29,20 @@ from typing import Any
 
 from kvt.contract.profiles import Profile, profile_key
 from kvt.formats.engine_dir import (
+    ANY_DEVICE,
     MANIFEST_FILE,
-    TIMING_CACHE_FILE,
     BuildKey,
     EngineManifest,
     EngineManifestError,
     PlanEntry,
+    PlanTarget,
+    timing_cache_file,
 )
 
 PLAN_SUFFIX = ".plan"
 LOCK_FILE = ".lock"
+FINGERPRINT_BYTES = 1 << 20  # head and tail hashed on every load
+_CHUNK = 64 << 20
 
 
 class StalePlanError(EngineManifestError):
@@ -55,22 +63,44 @@ def onnx_digest(files: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def make_key(stage: str, onnx_sha256: str, profiles: Sequence[Profile], precision: str,
-             tensorrt_version: str, compute_capability: str, optimization_level: int = 3) -> BuildKey:
+             tensorrt_version: str, compute_capability: str, optimization_level: int = 3,
+             device: str = "", sm_count: int = 0) -> BuildKey:
     if not 0 <= optimization_level <= 5:
         raise ValueError(f"builder optimisation level {optimization_level}: allowed 0..5")
     if not profiles:
         raise ValueError(f"stage {stage}: at least one optimisation profile is needed")
     return BuildKey(stage=stage, onnx_sha256=onnx_sha256, profiles=profile_key(profiles),
                     precision=precision, tensorrt_version=tensorrt_version,
-                    compute_capability=compute_capability, builder_optimization_level=optimization_level)
+                    compute_capability=compute_capability, builder_optimization_level=optimization_level,
+                    device=device, sm_count=0 if device == ANY_DEVICE else sm_count)
 
 
-def sha256_bytes(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _bytes_view(data: Any) -> memoryview:
+    """A flat byte view of any buffer (bytes, memoryview, TensorRT's IHostMemory, an mmap): no copy."""
+    view = memoryview(data)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
-def write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Write ``data`` to a hidden temporary file beside ``path``, fsync, then rename over it."""
+def sha256_bytes(data: Any) -> str:
+    """SHA-256 of a buffer, hashed in chunks (no copy)."""
+    view, digest = _bytes_view(data), hashlib.sha256()
+    for start in range(0, len(view), _CHUNK):
+        digest.update(view[start:start + _CHUNK])
+    return digest.hexdigest()
+
+
+def plan_fingerprint(data: Any) -> str:
+    """SHA-256 of the size, the first and the last :data:`FINGERPRINT_BYTES` of a plan: what a load checks
+    (cheap at any size); the full SHA-256 is computed once, when the plan is written."""
+    view = _bytes_view(data)
+    digest = hashlib.sha256(str(len(view)).encode())
+    digest.update(view[:FINGERPRINT_BYTES])
+    digest.update(view[max(len(view) - FINGERPRINT_BYTES, 0):])
+    return digest.hexdigest()
+
+
+def write_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` (any buffer) to a hidden temporary file beside ``path``, fsync, then rename over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -102,8 +132,9 @@ def _locked(directory: Path) -> Iterator[None]:
 
 
 def same_export(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
-    """Whether two export summaries describe the same networks (model dims and precision policy)."""
-    keys = ("model", "precision", "options")
+    """Whether two export summaries describe the same networks: model dims, precision policy and the
+    weights (``source_digest``): plans of one checkpoint never sit beside plans of another."""
+    keys = ("model", "precision", "options", "source_digest")
     return all(recorded.get(k) == current.get(k) for k in keys)
 
 
@@ -135,9 +166,10 @@ class EngineCache:
                     raise EngineManifestError(
                         f"{self.directory}: holds plans of another export (model "
                         f"{manifest.onnx_manifest.get('model')}, precision "
-                        f"{manifest.onnx_manifest.get('precision')}) than {onnx_dir} (model "
-                        f"{onnx_summary.get('model')}, precision {onnx_summary.get('precision')}); "
-                        "choose another --out or pass --overwrite")
+                        f"{manifest.onnx_manifest.get('precision')}, weights "
+                        f"{str(manifest.onnx_manifest.get('source_digest'))[:12]}) than {onnx_dir} (model "
+                        f"{onnx_summary.get('model')}, precision {onnx_summary.get('precision')}, weights "
+                        f"{str(onnx_summary.get('source_digest'))[:12]}); choose another --out or pass --overwrite")
             manifest = EngineManifest(onnx_dir=onnx_dir, onnx_manifest=dict(onnx_summary))
             manifest.write(self.directory)
             return manifest
@@ -173,33 +205,54 @@ class EngineCache:
             raise PlanIntegrityError(f"{path}: SHA-256 differs from the manifest: corrupted or replaced; "
                                      "rebuild with `kvt build`")
 
-    def read_plan(self, entry: PlanEntry) -> bytes:
-        """The plan's bytes, checked against the recorded size and SHA-256 (read once, hashed in memory)."""
+    @contextlib.contextmanager
+    def open_plan(self, entry: PlanEntry) -> Iterator[memoryview]:
+        """The plan's bytes as a read-only view of the mapped file (no copy in host memory), checked
+        against the recorded size and fingerprint; the full SHA-256 for entries written before
+        fingerprints were recorded."""
         path = self.plan_path(entry)
         self.check_file(entry, verify_hash=False)
-        data = path.read_bytes()
-        if sha256_bytes(data) != entry.sha256:
-            raise PlanIntegrityError(f"{path}: SHA-256 differs from the manifest: corrupted or replaced; "
-                                     "rebuild with `kvt build`")
-        return data
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            view = memoryview(mapped)
+            try:
+                ok = (plan_fingerprint(view) == entry.fingerprint if entry.fingerprint
+                      else sha256_bytes(view) == entry.sha256)
+                if not ok:
+                    raise PlanIntegrityError(f"{path}: content differs from the manifest (fingerprint/SHA-256): "
+                                             "corrupted or replaced; rebuild with `kvt build`")
+                yield view
+            finally:
+                view.release()
 
-    def store(self, key: BuildKey, plan: bytes | memoryview, build_seconds: float | None = None) -> PlanEntry:
-        """Write the plan atomically and record it, replacing an older plan of the same stage, TensorRT
-        version and GPU (whose file is removed)."""
+    def read_plan(self, entry: PlanEntry) -> bytes:
+        """The plan's bytes (a copy), checked as :meth:`open_plan` checks them."""
+        with self.open_plan(entry) as view:
+            return bytes(view)
+
+    def verify(self, entry: PlanEntry) -> None:
+        """The whole file against the recorded SHA-256 (reads every byte)."""
+        self.check_file(entry, verify_hash=True)
+
+    def store(self, key: BuildKey, plan: Any, build_seconds: float | None = None) -> PlanEntry:
+        """Write the plan (any buffer: TensorRT's IHostMemory, bytes) atomically, hashing it on the way,
+        and record it, replacing an older plan of the same stage, TensorRT version and GPU (whose file
+        is removed)."""
         if not self.exists():
             raise EngineManifestError(f"{self.directory}: no {MANIFEST_FILE}; call open_for() first")
         relative = f"{key.stage}/{key.digest()}{PLAN_SUFFIX}"
-        data = bytes(plan)
+        data = _bytes_view(plan)
         entry = PlanEntry(plan=relative, key=key, bytes=len(data), sha256=sha256_bytes(data),
-                          build_seconds=None if build_seconds is None else round(build_seconds, 3))
+                          build_seconds=None if build_seconds is None else round(build_seconds, 3),
+                          fingerprint=plan_fingerprint(data))
         write_atomic(self.directory / relative, data)
         with _locked(self.directory):
             manifest = self.manifest()
             kept: list[PlanEntry] = []
             dropped: list[PlanEntry] = []
             for old in manifest.stages.get(key.stage, []):
-                same_target = (old.key.tensorrt_version == key.tensorrt_version
-                               and old.key.compute_capability == key.compute_capability)
+                same_target = ((old.key.tensorrt_version, old.key.compute_capability, old.key.device,
+                                old.key.sm_count) == (key.tensorrt_version, key.compute_capability,
+                                                      key.device, key.sm_count))
                 (dropped if same_target else kept).append(old)
             manifest.stages[key.stage] = kept + [entry]
             manifest.write(self.directory)
@@ -209,37 +262,34 @@ class EngineCache:
                     (self.directory / old.plan).unlink()
         return entry
 
-    def select(self, stage: str, tensorrt_version: str, compute_capability: str,
-               manifest: EngineManifest | None = None) -> PlanEntry:
+    def select(self, stage: str, target: PlanTarget, manifest: EngineManifest | None = None) -> PlanEntry:
         """The plan of ``stage`` for this TensorRT version and GPU; never one built for another."""
         manifest = manifest or self.manifest()
-        plans = manifest.plans_for(stage, tensorrt_version, compute_capability)
+        plans = manifest.plans_for(stage, target)
         if plans:
-            return plans[-1]
+            return plans[0]
         others = manifest.stages.get(stage, [])
         if not others:
             raise EngineManifestError(
                 f"{self.directory}: no plan for stage {stage!r} (built: {sorted(manifest.stages)}); "
                 f"run `kvt build --onnx {manifest.onnx_dir} --out {self.directory}`")
-        built_for = ", ".join(sorted({f"TensorRT {p.key.tensorrt_version} on compute capability "
-                                      f"{p.key.compute_capability}" for p in others}))
+        built_for = "; ".join(sorted({p.key.describe_target() for p in others}))
         raise StalePlanError(
             f"{self.directory}: the plan of stage {stage!r} was built for {built_for}; this machine has "
-            f"TensorRT {tensorrt_version} on compute capability {compute_capability}. A plan only runs "
-            f"with the TensorRT version and GPU it was built for: rebuild it here with "
-            f"`kvt build --onnx {manifest.onnx_dir} --out {self.directory}`")
+            f"{target.describe()}. A plan only runs with the TensorRT version and the GPU model it was built "
+            f"for: rebuild it here with `kvt build --onnx {manifest.onnx_dir} --out {self.directory}`")
 
     # -------------------------------------------------------------- timing cache
 
-    @property
-    def timing_cache_path(self) -> Path:
-        return self.directory / TIMING_CACHE_FILE
+    def timing_cache_path(self, tensorrt_version: str, device: str) -> Path:
+        """The default timing cache of a TensorRT version and GPU model in this directory."""
+        return self.directory / timing_cache_file(tensorrt_version, device)
 
-    def load_timing_cache(self, path: Path | None = None) -> bytes:
-        path = path or self.timing_cache_path
+    @staticmethod
+    def load_timing_cache(path: Path) -> bytes:
         return path.read_bytes() if path.is_file() else b""
 
-    def save_timing_cache(self, data: bytes | memoryview, path: Path | None = None) -> Path:
-        path = path or self.timing_cache_path
-        write_atomic(path, bytes(data))
+    @staticmethod
+    def save_timing_cache(data: Any, path: Path) -> Path:
+        write_atomic(path, _bytes_view(data))
         return path

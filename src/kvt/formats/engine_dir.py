@@ -4,18 +4,23 @@
 
     manifest.json                      this file's format (below)
     <stage>/<key>.plan                 one serialized TensorRT engine per stage and build key
-    timing.cache                       the builder's timing cache (loaded and saved by every build)
+    timing-<version>-<gpu>.cache       the builder's timing cache per TensorRT version and GPU model
 
 A stage may have several plans (built for different GPUs or TensorRT versions); each entry records the
-key it was built under, so a consumer picks the plan for its GPU's compute capability and its TensorRT
-version and never loads another. The Triton repository generator places these plans
-(``model.plan``, or ``cc_model_filenames`` per compute capability); the TensorRT backend loads them.
+key it was built under, so a consumer picks the plan for its TensorRT version and its GPU (model name,
+SM count, compute capability; a plan built with TensorRT's SAME_COMPUTE_CAPABILITY hardware
+compatibility runs on every GPU of its compute capability) and never loads another: an H100 plan is
+not an H200's, although both are compute capability 9.0. The Triton repository generator places these
+plans (``model.plan``, or ``cc_model_filenames`` per compute capability); the TensorRT backend loads
+them. Each entry records the plan's size, SHA-256 (computed once, while the plan is written) and a
+fingerprint of its size, head and tail that a consumer checks cheaply on every load.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +32,15 @@ from kvt.contract.stages import StageTable, StageTableError
 FORMAT = "kvt-trt-engines"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
-TIMING_CACHE_FILE = "timing.cache"
+# BuildKey.device of a plan built with SAME_COMPUTE_CAPABILITY: it runs on any GPU of its compute capability.
+ANY_DEVICE = "*"
+
+
+def timing_cache_file(tensorrt_version: str, device: str) -> str:
+    """The timing cache of one TensorRT version and GPU model (a cache of another is rejected by the
+    builder, and would be overwritten by a build that starts empty)."""
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", device).strip("-") or "gpu"
+    return f"timing-{tensorrt_version}-{slug}.cache"
 
 
 class EngineManifestError(UserError):
@@ -45,6 +58,21 @@ class BuildKey:
     tensorrt_version: str
     compute_capability: str  # e.g. "9.0"
     builder_optimization_level: int = 3
+    device: str = ""  # the GPU model the plan was built on (ANY_DEVICE: SAME_COMPUTE_CAPABILITY plans)
+    sm_count: int = 0  # its streaming multiprocessors (0 with ANY_DEVICE)
+
+    def runs_on(self, target: PlanTarget) -> bool:
+        """Whether a plan of this key may run on ``target``: the same TensorRT version and compute
+        capability, and the same GPU model and SM count unless built for any GPU of the capability."""
+        if (self.tensorrt_version, self.compute_capability) != (target.tensorrt_version, target.compute_capability):
+            return False
+        return self.device == ANY_DEVICE or (self.device, self.sm_count) == (target.device, target.sm_count)
+
+    def describe_target(self) -> str:
+        gpu = (f"any GPU of compute capability {self.compute_capability}" if self.device == ANY_DEVICE
+               else f"{self.device or 'an unrecorded GPU'} ({self.sm_count} SMs, compute capability "
+                    f"{self.compute_capability})")
+        return f"TensorRT {self.tensorrt_version} on {gpu}"
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -55,6 +83,20 @@ class BuildKey:
         return cls(**{**data, "profiles": profiles})
 
 
+@dataclass(frozen=True)
+class PlanTarget:
+    """The TensorRT version and GPU a consumer runs plans on."""
+
+    tensorrt_version: str
+    compute_capability: str
+    device: str
+    sm_count: int = 0
+
+    def describe(self) -> str:
+        return (f"TensorRT {self.tensorrt_version} on {self.device} ({self.sm_count} SMs, compute capability "
+                f"{self.compute_capability})")
+
+
 @dataclass
 class PlanEntry:
     plan: str  # path relative to the engine directory
@@ -62,15 +104,16 @@ class PlanEntry:
     bytes: int
     sha256: str
     build_seconds: float | None = None
+    fingerprint: str = ""  # SHA-256 of size, head and tail (see kvt.formats.engine_cache.plan_fingerprint)
 
     def to_dict(self) -> dict[str, Any]:
         return {"plan": self.plan, "key": asdict(self.key), "bytes": self.bytes, "sha256": self.sha256,
-                "build_seconds": self.build_seconds}
+                "build_seconds": self.build_seconds, "fingerprint": self.fingerprint}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PlanEntry:
         return cls(data["plan"], BuildKey.from_dict(data["key"]), data["bytes"], data["sha256"],
-                   data.get("build_seconds"))
+                   data.get("build_seconds"), data.get("fingerprint", ""))
 
 
 @dataclass
@@ -81,10 +124,10 @@ class EngineManifest:
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
-    def plans_for(self, stage: str, tensorrt_version: str, compute_capability: str) -> list[PlanEntry]:
-        """Plans of ``stage`` built for exactly this TensorRT version and GPU."""
-        return [p for p in self.stages.get(stage, [])
-                if p.key.tensorrt_version == tensorrt_version and p.key.compute_capability == compute_capability]
+    def plans_for(self, stage: str, target: PlanTarget) -> list[PlanEntry]:
+        """Plans of ``stage`` that run on ``target``, plans for exactly its GPU model first."""
+        plans = [p for p in self.stages.get(stage, []) if p.key.runs_on(target)]
+        return sorted(plans, key=lambda p: p.key.device == ANY_DEVICE)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": self.format, "format_version": self.format_version, "onnx_dir": self.onnx_dir,

@@ -29,6 +29,9 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
 NULL_EMBEDDINGS_FILE = "null_embeddings.safetensors"
+# Initializers named "network.<parameter>" are the network's weights (graph inputs while the exporter
+# cleans a graph, initializers in the export); every other initializer is a folded constant.
+WEIGHT_PREFIX = "network."
 
 
 class ExportManifestError(UserError):

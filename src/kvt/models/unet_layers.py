@@ -106,8 +106,13 @@ class Attention(nn.Module):
     """Multi-head attention of x (B, N, in) over context (B, L, ctx), bias-free projections.
 
     Heads are channel-major ((h d), d fastest) as in the official einops pattern. A key mask
-    (B, L) bool removes keys; every query row must keep at least one key (the official code fills
-    -finfo.max, equivalent whenever one key is valid).
+    (B, L) bool removes keys; every query row must keep at least one key.
+
+    The mask is applied as the official code applies it (quirk 5): a finite -finfo(dtype).max on masked
+    keys, here added to the scaled scores. An additive finite mask keeps the exported graph in the form
+    TensorRT fuses into one attention kernel (BMM1 -> Add(mask) -> Softmax -> BMM2): a boolean mask
+    would export with torchlib's IsNaN/Where guard between Softmax and BMM2, and masked keys get
+    probability 0 either way (exp underflows; at least one key per row is valid, so no row is all -inf).
     """
 
     def __init__(self, in_channels: int, out_channels: int, context_dim: int, head_dim: int) -> None:
@@ -133,7 +138,10 @@ class Attention(nn.Module):
 
     def attend(self, x: Tensor, key: Tensor, value: Tensor, context_mask: Tensor | None = None) -> Tensor:
         query = self._split_heads(self.to_query(x))
-        mask = None if context_mask is None else context_mask[:, None, None, :]
+        mask = None
+        if context_mask is not None:  # (B, L) -> (B, 1, 1, L): 0 on valid keys, -finfo.max on masked ones
+            blocked = torch.full((), -torch.finfo(query.dtype).max, dtype=query.dtype, device=query.device)
+            mask = torch.where(as_key_mask(context_mask), torch.zeros_like(blocked), blocked)[:, None, None, :]
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
                                              scale=self.head_dim ** -0.5)
         return self.output_layer(out.transpose(1, 2).flatten(2))

@@ -72,10 +72,12 @@ def _select_plans(engines_dir: Path, stage: str, tensorrt_version: str | None) -
     for entry in entries:
         cc = entry.key.compute_capability
         if cc in plans:
-            versions = sorted({p.key.tensorrt_version for p in entries if p.key.compute_capability == cc})
+            targets = sorted({p.key.describe_target() for p in entries if p.key.compute_capability == cc})
             raise RepositoryError(
-                f"{engines_dir}: stage {stage!r} has several plans for compute capability {cc} (TensorRT "
-                f"{versions}); pass --tensorrt-version with the version of the server's TensorRT")
+                f"{engines_dir}: stage {stage!r} has several plans for compute capability {cc} ({'; '.join(targets)}); "
+                "Triton picks plans by compute capability only: pass --tensorrt-version with the version of "
+                "the server's TensorRT, and keep one GPU model per engine directory (or build with "
+                "--same-compute-capability)")
         path = engines_dir / entry.plan
         if not path.is_file():
             raise RepositoryError(f"{path}: missing (listed in {engines_dir / 'manifest.json'})")

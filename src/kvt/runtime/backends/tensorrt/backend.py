@@ -2,14 +2,17 @@
 
 The engine directory's manifest (see :mod:`kvt.formats.engine_dir`) is the contract: the stage table is
 rebuilt from the export summary it records, and for every stage the plan built for *this* TensorRT
-version and *this* GPU's compute capability is loaded; a directory with plans only for another version
-or GPU fails at load time with the command that rebuilds them, never with a crash mid-request.
+version and *this* GPU (model name, SM count, compute capability) is loaded; a directory with plans only
+for another version or GPU fails at load time with the command that rebuilds them, never with a crash
+mid-request. Plans are mapped from disk (no copy in host memory) and checked by size and a fingerprint
+recorded at build time; the full SHA-256 is `kvt doctor --verify-plans`'s job.
 
-All engines share one activation buffer (they run one after another) and run on one CUDA stream of the
-backend, ordered after torch's current stream on entry and before it on exit: the pipeline's tensors
-stay on the GPU and no call waits for the host. The outputs of the denoising-loop stages (the U-Nets)
-are buffers reused per shape, valid until the next call of that stage with the same shapes (the
-pipeline consumes them at once); other stages return fresh tensors. Optional CUDA graphs per shape.
+All engines share one activation buffer (they run one after another), sized for the shapes in use and
+grown on demand, and run on one CUDA stream of the backend, ordered after torch's current stream on
+entry and before it on exit: the pipeline's tensors stay on the GPU and no call waits for the host. The
+outputs of the denoising-loop stages (the U-Nets) are buffers reused per shape, valid until the next
+call of that stage with the same shapes (the pipeline consumes them at once); other stages return fresh
+tensors, with or without CUDA graphs. Optional CUDA graphs per shape (see the runner).
 
 ``tensorrt`` is imported lazily, after the GPU check (the lean runtime crashes without a GPU).
 """
@@ -25,7 +28,7 @@ import torch
 
 from kvt.contract.profiles import ServedProfiles, profiles_from_key
 from kvt.formats.engine_cache import EngineCache
-from kvt.formats.engine_dir import EngineManifestError, stage_table_of
+from kvt.formats.engine_dir import EngineManifest, EngineManifestError, PlanTarget, stage_table_of
 from kvt.runtime.backends.base import StageBackend
 from kvt.runtime.backends.tensorrt.runner import ActivationArena, Engine
 from kvt.runtime.backends.tensorrt.trt_env import GpuInfo, import_tensorrt, require_gpu, tensorrt_version
@@ -72,7 +75,8 @@ class TensorRTBackend(StageBackend):
         trt = trt or import_tensorrt()
         version = tensorrt_version(trt)
         # Every plan is chosen (and stale ones refused) before the first is deserialized.
-        entries = {name: cache.select(name, version, gpu.compute_capability, manifest) for name in names}
+        target = PlanTarget(version, gpu.compute_capability, gpu.name, gpu.sm_count)
+        entries = {name: cache.select(name, target, manifest) for name in names}
         super().__init__(table, torch.device("cuda", index), validate)
         self.manifest = manifest
         self.entries = entries
@@ -86,17 +90,18 @@ class TensorRTBackend(StageBackend):
         try:
             with torch.cuda.device(self.device):
                 for name, entry in entries.items():
-                    plan = cache.read_plan(entry)
-                    self._engines[name] = Engine(plan, table[name], self.device, arena=self.arena,
-                                                 reuse_outputs=name in (table.loop_stages if reuse_outputs is None else reuse_outputs),
-                                                 cuda_graphs=cuda_graphs, trt=trt,
-                                                 name=f"{self.engine_dir / entry.plan}")
-                    log.info("tensorrt stage %s: %s (%d bytes)", name, entry.plan, entry.bytes)
+                    with cache.open_plan(entry) as plan:
+                        self._engines[name] = Engine(
+                            plan, table[name], self.device, arena=self.arena,
+                            reuse_outputs=name in (table.loop_stages if reuse_outputs is None else reuse_outputs),
+                            cuda_graphs=cuda_graphs, trt=trt, name=f"{self.engine_dir / entry.plan}")
+                    log.info("tensorrt stage %s: %s (%d bytes, activation memory up to %.1f MiB)", name,
+                             entry.plan, entry.bytes, self._engines[name].max_activation_bytes / 2**20)
         except BaseException:
             self.close()
             raise
-        log.info("tensorrt backend: %d engines, shared activation buffer %.1f MiB on %s",
-                 len(self._engines), self.arena.nbytes / 2**20, gpu)
+        log.info("tensorrt backend: %d engines on %s; one activation buffer, sized by the shapes in use",
+                 len(self._engines), gpu)
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -127,9 +132,14 @@ class TensorRTBackend(StageBackend):
         return outputs
 
     def close(self) -> None:
+        """Wait for the backend's stream, then drop engines and the activation buffer."""
+        if self._engines and hasattr(self, "_stream"):
+            self._stream.synchronize()
         for engine in self._engines.values():
             engine.close()
         self._engines.clear()
+        if hasattr(self, "arena"):
+            self.arena.release()
         self._closed = True
 
     def __repr__(self) -> str:

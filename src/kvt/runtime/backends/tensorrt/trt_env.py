@@ -1,9 +1,13 @@
 """Finding TensorRT and a GPU, with errors that say what is missing and where to get it.
 
-``tensorrt`` is imported lazily (``import kvt`` works without it). Two traps are checked here:
+``tensorrt`` is imported lazily (``import kvt`` works without it). Three traps are checked here:
 
 * the ``tensorrt-stubs`` package ships ``tensorrt/__init__.pyi`` only, which Python imports as an empty
   namespace package: ``import tensorrt`` then succeeds but has no ``Builder``;
+* a TensorRT older than :data:`MIN_TENSORRT_VERSION` is refused with a clear message: 10.0 lacks
+  ``device_memory_size_v2`` / ``set_device_memory`` (added in 10.1), strongly typed ONNX import is
+  complete only from 10.12 (NVIDIA's strong-typing migration guide), and the support matrix the static
+  checks use is the one that version is known to cover (kvt.engines.static_checks);
 * the lean runtime without a GPU hands out a null runtime that segfaults when used, so the GPU is
   checked (through torch) before any TensorRT object is created.
 """
@@ -16,6 +20,10 @@ from types import ModuleType
 from typing import Any
 
 from kvt.contract.errors import UnavailableError
+
+# The oldest TensorRT kvt builds and runs with (see the module docstring; docs/TENSORRT.md lists every
+# TensorRT API kvt uses with the version that introduced it).
+MIN_TENSORRT_VERSION = "10.12"
 
 INSTALL_HINT = (
     "run inside NVIDIA's TensorRT or Triton container (e.g. `docker run --gpus all -it "
@@ -43,6 +51,7 @@ def import_tensorrt() -> ModuleType:
             f"`import tensorrt` found only API stubs or an empty package at {where} (e.g. the "
             f"tensorrt-stubs package), not the TensorRT library; {INSTALL_HINT}")
     module: ModuleType = trt  # Any to mypy where tensorrt is not installed
+    check_tensorrt_version(module)
     return module
 
 
@@ -50,15 +59,41 @@ def tensorrt_version(trt: ModuleType) -> str:
     return str(trt.__version__)
 
 
+def version_tuple(version: str) -> tuple[int, ...]:
+    """``"10.13.0.35"`` -> (10, 13, 0, 35); non-numeric tails ("10.14.0.post1") are cut off."""
+    parts = []
+    for part in version.split("."):
+        digits = "".join(ch for ch in part if ch.isdigit()) if part[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def check_tensorrt_version(trt: ModuleType) -> None:
+    """Refuse a TensorRT older than :data:`MIN_TENSORRT_VERSION` (a clear message, not an
+    AttributeError mid-build)."""
+    version = tensorrt_version(trt)
+    have, need = version_tuple(version), version_tuple(MIN_TENSORRT_VERSION)
+    if not have or have[:len(need)] < need:
+        raise TensorRTUnavailable(
+            f"TensorRT {version} is older than {MIN_TENSORRT_VERSION}, the oldest kvt supports (it needs "
+            "device_memory_size_v2/set_device_memory and complete strongly typed ONNX import); use "
+            f"TensorRT {MIN_TENSORRT_VERSION} or newer (`pip install tensorrt`, or an NGC container whose "
+            "release notes list TensorRT >= " + MIN_TENSORRT_VERSION + "; `kvt doctor` prints the version)")
+
+
 @dataclass(frozen=True)
 class GpuInfo:
     index: int
-    name: str
+    name: str  # the device name CUDA reports, e.g. "NVIDIA H100 80GB HBM3"
     compute_capability: str  # "9.0"
     total_memory: int  # bytes
+    sm_count: int = 0  # streaming multiprocessors (0: unknown)
 
     def __str__(self) -> str:
-        return (f"cuda:{self.index} {self.name} (compute capability {self.compute_capability}, "
+        sms = f", {self.sm_count} SMs" if self.sm_count else ""
+        return (f"cuda:{self.index} {self.name} (compute capability {self.compute_capability}{sms}, "
                 f"{self.total_memory / 2**30:.1f} GiB)")
 
 
@@ -77,7 +112,8 @@ def require_gpu(index: int = 0) -> GpuInfo:
     if not 0 <= index < count:
         raise TensorRTUnavailable(f"GPU index {index}: this machine has {count} GPU(s) (0..{count - 1})")
     props = torch.cuda.get_device_properties(index)
-    return GpuInfo(index, props.name, f"{props.major}.{props.minor}", int(props.total_memory))
+    return GpuInfo(index, props.name, f"{props.major}.{props.minor}", int(props.total_memory),
+                   int(props.multi_processor_count))
 
 
 def make_logger(trt: ModuleType, verbose: bool = False) -> Any:
