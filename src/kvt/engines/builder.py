@@ -325,6 +325,9 @@ def check_memory(export: ExportManifest, table: StageTable, plan_profiles: Mappi
                  options: BuildOptions, report: Report) -> memory_plan.MemoryPlan | None:
     """The memory plan of this build on ``gpu``; refuses a set whose plans cannot fit it."""
     preset = export.model.get("preset")
+    if gpu.total_memory <= 0:
+        report(f"memory plan skipped: the memory of {gpu.name} is unknown (`kvt plan-memory --gpu` computes it)")
+        return None
     try:
         request = memory_plan.preset_request(str(preset), [], [], precisions=precisions)
     except (UserError, ValueError):

@@ -35,7 +35,9 @@ from kvt.serving.generator.repository import copy_onnx
 from kvt.serving.server_models import tensorrt_standin
 
 STANDIN_VERSION = f"standin-kvt{__version__}"  # recorded as the plans' "TensorRT version"
-STANDIN_GPU = GpuInfo(index=0, name="CPU stand-in (no GPU)", compute_capability="0.0", total_memory=0)
+# The plans are recorded for the GPU generation users deploy on (Hopper: BF16 text-encoder plans are
+# allowed); the memory is unknown (0), so `kvt build`'s memory plan is skipped: `kvt plan-memory` answers it.
+STANDIN_GPU = GpuInfo(index=0, name="CPU stand-in (no GPU)", compute_capability="9.0", total_memory=0)
 
 
 class StandinPlanMaker:

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from kvt.contract.errors import CancelledError, TimedOutError
-from kvt.contract.plan import request_total_steps, video_decode_chunks
+from kvt.contract.plan import request_total_steps
 from kvt.contract.profiles import coverage, unserved_calls
 from kvt.contract.request import GenerationRequest, InvalidRequestError, _short, validate_request
 from kvt.contract.stages import (
@@ -44,6 +44,7 @@ from kvt.contract.stages import (
     TEXT_CONTEXTS,
     StageTable,
     context_length,
+    video_decode_chunks,
 )
 from kvt.models.model_set import KandinskyVideoModels
 from kvt.models.text_encoder import PromptTokenizer, TokenizedPrompt

@@ -28,7 +28,7 @@ import torch
 
 from kvt.contract.profiles import ServedProfiles, profiles_from_key
 from kvt.formats.engine_cache import EngineCache
-from kvt.formats.engine_dir import EngineManifest, EngineManifestError, PlanTarget, stage_table_of
+from kvt.formats.engine_dir import EngineManifestError, PlanTarget, stage_table_of
 from kvt.runtime.backends.base import StageBackend
 from kvt.runtime.backends.tensorrt.runner import ActivationArena, Engine
 from kvt.runtime.backends.tensorrt.trt_env import GpuInfo, import_tensorrt, require_gpu, tensorrt_version
