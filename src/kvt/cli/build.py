@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kvt.cli.common import parse_list, parse_size, say
+from kvt.cli.common import add_profile_options, parse_list, parse_size, say
 from kvt.contract.errors import EXIT_OK
 from kvt.contract.profiles import parse_fps_modes, parse_resolution
 from kvt.engines.builder import TEXT_ENCODER_PRECISIONS, BuildOptions, build_engines
@@ -25,15 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     f"{MIN_TENSORRT_VERSION} and an NVIDIA GPU.")
     p.add_argument("--onnx", required=True, metavar="DIR", help="export directory of `kvt export`")
     p.add_argument("--out", required=True, metavar="DIR", help="engine directory (created or updated)")
-    p.add_argument("--resolution", action="append", default=[], metavar="WxH",
-                   help="frame size to serve, e.g. 512x512 (repeatable; the first is tuned for). "
-                        "Default: the export's whole resolution range")
-    p.add_argument("--fps", action="append", default=[], metavar="MODE",
-                   help="fps mode to serve: low, medium or high (repeatable; default: all)")
+    add_profile_options(p)
     p.add_argument("--stages", help="comma-separated subset of the exported stages (default: all)")
-    p.add_argument("--batch-range", choices=("requests", "table"), default="requests",
-                   help="with --resolution: batch dims exactly as one request calls them (requests) or "
-                        "the stage table's range for batching several (table)")
     p.add_argument("--opt-level", type=int, default=3, help="builder optimisation level 0..5 (default 3)")
     p.add_argument("--workspace", help=f"workspace memory-pool limit per execution context, e.g. 2GiB "
                                        f"(default {DEFAULT_WORKSPACE_BYTES // 2**20} MiB; 'unlimited': TensorRT's, "

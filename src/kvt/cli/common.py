@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 
@@ -65,3 +66,16 @@ def parse_list(text: str | None) -> list[str] | None:
         return None
     items = [item.strip() for item in text.split(",") if item.strip()]
     return items or None
+
+
+def add_profile_options(p: argparse.ArgumentParser) -> None:
+    """The options that choose the plans' optimisation profiles: `kvt build` and `kvt rehearse` (which must
+    record exactly the profiles a build with the same flags records) share them."""
+    p.add_argument("--resolution", action="append", default=[], metavar="WxH",
+                   help="frame size to serve, e.g. 512x512 (repeatable; the first is tuned for). "
+                        "Default: the export's whole resolution range")
+    p.add_argument("--fps", action="append", default=[], metavar="MODE",
+                   help="fps mode to serve: low, medium or high (repeatable; default: all)")
+    p.add_argument("--batch-range", choices=("requests", "table"), default="requests",
+                   help="with --resolution: batch dims exactly as one request calls them (requests) or "
+                        "the stage table's range for batching several (table)")

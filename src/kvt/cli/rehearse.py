@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvt.cli.common import UsageError, parse_list, say
+from kvt.cli.common import UsageError, add_profile_options, parse_list, say
 from kvt.contract.errors import EXIT_FAILURE, EXIT_OK
 from kvt.contract.profiles import parse_fps_modes, parse_resolution
 from kvt.rehearsal.run import LIMITS, rehearse, write_report
@@ -24,12 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     f"mode not built (which must be refused before any stage runs). It cannot show {LIMITS}.")
     p.add_argument("--onnx", required=True, metavar="EXPORT", help="export directory of `kvt export` (fp16 for engines)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the stand-in engines and the repository")
-    p.add_argument("--resolution", action="append", default=[], metavar="WxH",
-                   help="as `kvt build --resolution` (repeatable; default: the export's whole range)")
-    p.add_argument("--fps", action="append", default=[], metavar="MODE",
-                   help="as `kvt build --fps` (repeatable; default: all)")
-    p.add_argument("--batch-range", choices=("requests", "table"), default="requests",
-                   help="as `kvt build --batch-range`")
+    add_profile_options(p)  # exactly `kvt build`'s
     p.add_argument("--image", metavar="PATH", help="the image-to-video request's image (default: a test image)")
     p.add_argument("--steps", default="2,2,1", metavar="K,B,I",
                    help="sampler steps of each request (key frame, base frames, interpolation; default 2,2,1: "
