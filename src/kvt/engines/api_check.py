@@ -47,6 +47,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvt.contract.dtypes import DType
+
 # TensorRT 11.x-only names our code may touch behind a hasattr/getattr guard, as "Class.member"
 # (or "module.name"). Empty today: everything the code uses exists in 10.13 and survives in 11.x
 # (device_memory_size_v2 instead of device_memory_size; strongly typed networks instead of FP16).
@@ -484,9 +486,7 @@ def check_usages(stubs: StubIndex, usages: Sequence[Usage], allowed_11x: dict[st
 
 
 def _package_dir() -> Path:
-    import kvt
-
-    return Path(kvt.__file__).resolve().parent
+    return Path(__file__).resolve().parents[1]  # src/kvt (this file is kvt/engines/api_check.py)
 
 
 def kvt_sources(package_dir: Path | None = None) -> dict[str, str]:
@@ -512,8 +512,6 @@ def dtype_table_usages(package_dir: Path | None = None) -> list[Usage]:
     cannot follow, so each name is taken from :class:`kvt.contract.dtypes.DType` and reported at its
     row of ``kvt/contract/dtypes.py``.
     """
-    from kvt.contract.dtypes import DType
-
     path = (package_dir or _package_dir()) / "contract" / "dtypes.py"
     lines = path.read_text().splitlines() if path.is_file() else []
     file = "/".join(path.parts[-3:])
