@@ -35,7 +35,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timing-cache", help="timing cache file (default: OUT/timing.cache)")
     p.add_argument("--force", action="store_true", help="rebuild even when a valid plan exists")
     p.add_argument("--overwrite", action="store_true", help="replace plans of another export in OUT")
-    p.add_argument("--verbose", action="store_true", help="TensorRT's info messages")
     p.set_defaults(func=run)
 
 
@@ -48,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     workspace = parse_size(args.workspace) if args.workspace else None
     options = BuildOptions(optimization_level=args.opt_level, workspace_bytes=workspace,
                            timing_cache=Path(args.timing_cache) if args.timing_cache else None,
-                           force=args.force, overwrite=args.overwrite, verbose=args.verbose)
+                           force=args.force, overwrite=args.overwrite, verbose=args.verbose)  # -v: TensorRT's info messages too
     result = build_engines(args.onnx, args.out, resolutions, fps_modes, parse_list(args.stages), options,
                            report=report, table_batch=args.batch_range == "table")
     reused = sum(s.reused for s in result.stages)
