@@ -82,6 +82,12 @@ def _graph_cache(tmp_path_factory) -> str:
     return str((_cache_dir() or tmp_path_factory.getbasetemp()) / "onnx-graphs")
 
 
+@pytest.fixture(scope="session")
+def graph_cache_dir(tmp_path_factory) -> Path:
+    """The graph cache of the session's exports (``$KVT_CACHE_DIR/onnx-graphs`` for a ``kvt`` command)."""
+    return Path(_graph_cache(tmp_path_factory))
+
+
 def _export(source, out: Path, precision: str, graphs: str) -> Path:
     """Export with a graph cache shared by the session's exports: the FP16 export takes the FP32 graphs of the T5 and the
     MoVQs that the FP32 export traced (the cache key covers kvt's code, so a stale graph is never used)."""

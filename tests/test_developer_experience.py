@@ -71,7 +71,8 @@ def test_generate_says_its_thread_count_and_refuses_bad_counts(tmp_path, capsys)
         assert main(["generate", "a cat", "--out", str(out), "--threads", "2", *FAST]) == EXIT_OK
     finally:
         torch.set_num_threads(before)
-    assert "2 CPU threads" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "2 CPU threads" in err and "encoding 12 frames into v.mp4" in err  # no silent seconds after the bar
 
 
 # ------------------------------------------------------------------------------ the command line

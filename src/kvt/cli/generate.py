@@ -203,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
     if output.prompt_truncated:
         say("", f"prompt truncated to its first {output.prompt_tokens} tokens (with EOS): the model reads "
                 f"{pipeline.table.model.tokens_length}, as the official pipeline does")
+    say("", f"encoding {output.num_frames} frames into {out.name}")  # seconds at fps high: not silent
     path = output.save(out, args.playback_fps)
     done = time.perf_counter()
     playback = args.playback_fps or output.playback_fps
