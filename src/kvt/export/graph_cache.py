@@ -32,7 +32,8 @@ from kvt.contract.stages import StageSpec
 CACHE_ENV = "KVT_CACHE_DIR"
 _TOOLS = ("torch", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "polygraphy", "onnx-graphsurgeon",
           "transformers")
-_KEY_VERSION = 1
+_KEY_VERSION = 2
+_T5_NOT_IN_GRAPH = ("_name_or_path", "transformers_version", "architectures")
 
 
 def default_cache_dir() -> Path:
@@ -71,8 +72,11 @@ def _tool_versions() -> tuple[tuple[str, str], ...]:
 
 def graph_key(spec: StageSpec, config: Any, t5_config: Any, compute: str, opset: int) -> str:
     """The cache key of a stage's cleaned graph (hex SHA-256)."""
-    t5 = {} if t5_config is None else {k: v for k, v in t5_config.to_dict().items()
-                                       if k not in ("_name_or_path", "transformers_version")}
+    # The T5 config shapes only the text encoder's graph; of it, what a saved folder adds (its path, the
+    # writer's version, the class name) is left out: random weights and a checkpoint directory of one
+    # architecture share the graphs of every other stage.
+    t5 = {} if t5_config is None or spec.network != "text_encoder" else {
+        k: v for k, v in t5_config.to_dict().items() if k not in _T5_NOT_IN_GRAPH}
     described = {
         "version": _KEY_VERSION, "stage": spec.to_dict(), "config": repr(config),
         "t5": json.dumps(t5, sort_keys=True, default=str), "compute": compute, "opset": opset,
