@@ -78,10 +78,22 @@ def tiny_checkpoint_dir(tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------------------------ exports
 
-def _export(source, out: Path, precision: str) -> Path:
+def _graph_cache(tmp_path_factory) -> str:
+    return str((_cache_dir() or tmp_path_factory.getbasetemp()) / "onnx-graphs")
+
+
+@pytest.fixture(scope="session")
+def graph_cache_dir(tmp_path_factory) -> Path:
+    """The graph cache of the session's exports (``$KVT_CACHE_DIR/onnx-graphs`` for a ``kvt`` command)."""
+    return Path(_graph_cache(tmp_path_factory))
+
+
+def _export(source, out: Path, precision: str, graphs: str) -> Path:
+    """Export with a graph cache shared by the session's exports: the FP16 export takes the FP32 graphs of the T5 and the
+    MoVQs that the FP32 export traced (the cache key covers kvt's code, so a stale graph is never used)."""
     from kvt.export.exporter import ExportOptions, export_onnx
 
-    export_onnx(source, out, ExportOptions(precision=precision, jobs=2))
+    export_onnx(source, out, ExportOptions(precision=precision, jobs=2, graph_cache=graphs))
     return out
 
 
@@ -90,7 +102,8 @@ def _export_tiny(tmp_path_factory, checkpoints: Path, precision: str) -> Path:
     from kvt.export.source import ExportSource
 
     base = _cache_dir() or tmp_path_factory.mktemp("exports")
-    return _export(ExportSource("tiny", weights=str(checkpoints)), base / f"tiny_{precision}", precision)
+    return _export(ExportSource("tiny", weights=str(checkpoints)), base / f"tiny_{precision}", precision,
+                   _graph_cache(tmp_path_factory))
 
 
 @pytest.fixture(scope="session")
@@ -112,7 +125,8 @@ def reference_export_fp32(tmp_path_factory) -> Path:
 
     ref = refdata.require_reference()
     base = _cache_dir() or tmp_path_factory.mktemp("exports")
-    return _export(ExportSource("tiny", weights=str(ref / "checkpoints")), base / "reference_fp32", "fp32")
+    return _export(ExportSource("tiny", weights=str(ref / "checkpoints")), base / "reference_fp32", "fp32",
+                   _graph_cache(tmp_path_factory))
 
 
 # ------------------------------------------------------------------------------ pipelines

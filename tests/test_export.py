@@ -20,6 +20,7 @@ from kvt.export import attach as attach_module
 from kvt.export import parity as parity_module
 from kvt.export.cleanup import FORBIDDEN_OPS
 from kvt.export.exporter import ExportInputError, ExportOptions, ParityError, export_onnx
+from kvt.export.graph_cache import CACHE_ENV, graph_key
 from kvt.export.graph_export import OPSET, ExportError
 from kvt.export.source import ExportSource
 from kvt.formats.export_dir import ExportManifest, ExportManifestError
@@ -162,6 +163,51 @@ def test_same_export_is_reused_and_a_different_one_refused(source, tmp_path):
     assert list(replaced.stages) == ["movq_encoder"] and not (out / "text_encoder.onnx").exists()
 
 
+def test_graph_cache_skips_tracing_for_other_weights(source, tmp_path):
+    """The graph of a stage does not depend on the weights: a second export of the same architecture takes
+    it from the cache, streams its own weights in and passes its own parity check."""
+    cache = tmp_path / "cache"
+    options = ExportOptions(stages=("movq_encoder",), parity_shapes=("min",), graph_cache=str(cache))
+    first = export_onnx(source, tmp_path / "a", options)
+    messages: list[str] = []
+    second = export_onnx(ExportSource("tiny", seed=4), tmp_path / "b", options, report=messages.append)
+    assert first.stats["movq_encoder"]["graph"] == "traced" and second.stats["movq_encoder"]["graph"] == "cache"
+    assert [p.name for p in cache.iterdir()] == [f"{first.stats['movq_encoder']['graph_key']}.onnx"]
+    assert any(m.startswith("movq_encoder (fp32) ") and "graph from cache" in m for m in messages)
+    assert second.parity["movq_encoder"]["passed"]
+    graphs = [_graph(tmp_path / d, "movq_encoder") for d in ("a", "b")]
+    assert [n.op_type for n in graphs[0].graph.node] == [n.op_type for n in graphs[1].graph.node]
+    assert first.source["digest"] != second.source["digest"]  # other weights, same graph
+    opened = source.open()
+    spec = stage_table_for(opened.config)["movq_encoder"]
+    assert graph_key(spec, opened.config, None, "fp32", OPSET) != graph_key(spec, opened.config, None, "fp16", OPSET)
+
+
+def test_fp16_export_reuses_the_identical_fp32_stages(source, tmp_path):
+    """--reuse-stages: the stages an FP16 export computes in FP32 (T5, MoVQs) are taken from an FP32 export
+    of the same weights in the same parent directory, files hard-linked, parity results carried over."""
+    stages = ("text_encoder", "movq_encoder")
+    fp32 = export_onnx(source, tmp_path / "fp32", ExportOptions(stages=stages, parity_shapes=("min",)))
+    messages: list[str] = []
+    fp16 = export_onnx(source, tmp_path / "fp16", ExportOptions(precision="fp16", stages=stages,
+                                                                 parity_shapes=("min",), reuse_stages=True),
+                       report=messages.append)
+    assert {stage: fp16.stats[stage]["graph"] for stage in stages} == {s: "reused" for s in stages}
+    assert any("2 reused from ['fp32']" in m for m in messages)
+    for stage in stages:
+        assert (tmp_path / "fp16" / f"{stage}.onnx").samefile(tmp_path / "fp32" / f"{stage}.onnx")
+        assert fp16.parity[stage] == fp32.parity[stage] and fp16.parity[stage]["passed"]
+    assert fp16.precision == "fp16"
+    ExportManifest.read(tmp_path / "fp16").verify_files(tmp_path / "fp16", check_hashes=True)
+    # Wider parity than the FP32 export recorded: the stage is reused and checked again here.
+    wider = export_onnx(source, tmp_path / "fp16b", ExportOptions(precision="fp16", stages=("movq_encoder",),
+                                                                   parity_shapes=("min", "max"), reuse_stages=True))
+    assert wider.stats["movq_encoder"]["graph"] == "reused"
+    assert wider.parity["movq_encoder"]["passed"]
+    cases = json.loads((tmp_path / "fp16b" / "parity.json").read_text())[0]["cases"]
+    assert any("max" in case["shape"] for case in cases)
+
+
 def test_damaged_export_is_detected(source, tmp_path):
     out = tmp_path / "te"
     options = ExportOptions(stages=("text_encoder",), parity_shapes=())
@@ -232,13 +278,18 @@ def test_parity_failure_rejects_the_export(source, tmp_path, monkeypatch):
     assert "**NO**" in (rejected / "parity.md").read_text()
 
 
-def test_cli_export_and_errors(tmp_path, capsys, tiny_checkpoint_dir):
+def test_cli_export_and_errors(tmp_path, capsys, tiny_checkpoint_dir, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))  # not the user's graph cache
     weights = tiny_checkpoint_dir
     out = tmp_path / "te"
     assert main(["export", "--preset", "tiny", "--weights", str(weights), "--out", str(out), "--stages", "text_encoder",
                  "--parity-shapes", "min,odd"]) == EXIT_OK
     err = capsys.readouterr().err
-    assert "parity text_encoder: worst max rel" in err and (out / "manifest.json").is_file()
+    # One line per stage with its times and parity; the exporter stack's warnings only with -v.
+    line = next(line for line in err.splitlines() if line.startswith("kvt export: text_encoder (fp32) "))
+    assert "trace " in line and "weights " in line and "parity " in line and "at 2 shapes: max rel" in line
+    assert "wrote 1 stage(s)" in err and (out / "manifest.json").is_file()
+    assert "Warning" not in err and "torchvision" not in err
     assert main(["export", "--weights", str(weights), "--out", str(tmp_path / "x"), "--stages", "nope"]) == EXIT_INVALID
     assert "unknown stage(s) ['nope']" in capsys.readouterr().err
     assert main(["export", "--preset", "full", "--weights", str(weights), "--out", str(tmp_path / "y")]) == EXIT_INVALID

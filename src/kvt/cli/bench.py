@@ -13,7 +13,7 @@ import torch
 
 from kvt.benchmarks import commands, headline
 from kvt.benchmarks.sources import parse_pipelines
-from kvt.cli.common import UsageError, parse_list, preset
+from kvt.cli.common import UsageError, add_threads_option, parse_list, preset, threads
 from kvt.contract.request import GenerationRequest
 from kvt.contract.stages import FPS_FRAMES
 from kvt.runtime.fast_path import FastPathOptions
@@ -30,7 +30,7 @@ def _common(p: argparse.ArgumentParser, pipelines: str) -> None:
     p.add_argument("--text-encoder", help="Flan-UL2 folder for --weights")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the requests")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0: torch's default)")
+    add_threads_option(p)
     p.add_argument("--pipelines", default=pipelines,
                    help="comma-separated: baseline (official-style), fast, torch (reference), onnxruntime")
     p.add_argument("--onnx-dir", help="`kvt export` directory for --pipelines onnxruntime")
@@ -59,13 +59,13 @@ def _add_subcommands(p: argparse.ArgumentParser) -> None:
     _common(s, "baseline,fast")
     s.add_argument("--fps-modes", default="low,medium,high", help="the request shapes to cover")
     s.add_argument("--stages", help="comma-separated subset of stages")
-    s.add_argument("--warmup", type=int, default=2)
-    s.add_argument("--iterations", type=int, default=5)
+    s.add_argument("--warmup", type=int, default=2, help="untimed calls per stage and shape")
+    s.add_argument("--iterations", type=int, default=5, help="timed calls per stage and shape")
     s.set_defaults(func=_run_stage)
 
     e = sub.add_parser("e2e", help="end-to-end generation per fps mode, split by stage; overhead, memory")
     _common(e, "baseline,fast")
-    e.add_argument("--fps-modes", default="low,medium,high")
+    e.add_argument("--fps-modes", default="low,medium,high", help="fps modes to generate (one request each)")
     e.add_argument("--steps", default=_DEFAULT_STEPS,
                    help="key-frame, base-frame, interpolation steps (official: 50,50,10)")
     e.add_argument("--warmup-steps", type=int, default=2,
@@ -73,11 +73,11 @@ def _add_subcommands(p: argparse.ArgumentParser) -> None:
     e.set_defaults(func=_run_e2e)
 
     f = sub.add_parser("flops", help="FLOPs per stage call and per request (meta device, no weights)")
-    f.add_argument("--preset", default="full")
-    f.add_argument("--width", type=int, default=512)
-    f.add_argument("--height", type=int, default=512)
-    f.add_argument("--out", default=str(DEFAULT_OUT))
-    f.add_argument("--name")
+    f.add_argument("--preset", default="full", help="tiny, small or full")
+    f.add_argument("--width", type=int, default=512, help="frame width")
+    f.add_argument("--height", type=int, default=512, help="frame height")
+    f.add_argument("--out", default=str(DEFAULT_OUT), help="results folder (default: ./bench-results)")
+    f.add_argument("--name", help="base name of the result files (default: derived from the settings)")
     f.set_defaults(func=_run_flops)
 
     h = sub.add_parser("headline", help="one time-boxed GPU session: environment, ceilings, attention census, "
@@ -88,20 +88,20 @@ def _add_subcommands(p: argparse.ArgumentParser) -> None:
 
     t = sub.add_parser("triton", help="Triton client latency / throughput at several concurrency levels")
     t.add_argument("--url", required=True, help="HOST:PORT of the server")
-    t.add_argument("--protocol", default="http", choices=("http", "grpc"))
-    t.add_argument("--model", default="kandinsky_video")
-    t.add_argument("--concurrency", default="1,2,4")
+    t.add_argument("--protocol", default="http", choices=("http", "grpc"), help="the port's protocol")
+    t.add_argument("--model", default="kandinsky_video", help="the orchestrator model's name")
+    t.add_argument("--concurrency", default="1,2,4", help="comma-separated numbers of concurrent clients")
     t.add_argument("--requests", type=int, default=2, help="timed requests per worker")
     t.add_argument("--warmup", type=int, default=1, help="untimed requests per worker")
-    t.add_argument("--prompt", default="a red fox running through snow, cinematic")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--width", type=int, default=512)
-    t.add_argument("--height", type=int, default=512)
-    t.add_argument("--fps", default="low")
+    t.add_argument("--prompt", default="a red fox running through snow, cinematic", help="text of every request")
+    t.add_argument("--seed", type=int, default=0, help="seed of every request")
+    t.add_argument("--width", type=int, default=512, help="frame width (within the served range)")
+    t.add_argument("--height", type=int, default=512, help="frame height (within the served range)")
+    t.add_argument("--fps", default="low", help="low, medium or high")
     t.add_argument("--steps", default=_DEFAULT_STEPS, help="key-frame, base-frame, interpolation steps")
     t.add_argument("--inprocess-json", help="an e2e result JSON to compare with (same backend and request)")
-    t.add_argument("--out", default=str(DEFAULT_OUT))
-    t.add_argument("--name")
+    t.add_argument("--out", default=str(DEFAULT_OUT), help="results folder (default: ./bench-results)")
+    t.add_argument("--name", help="base name of the result files (default: derived from the settings)")
     t.set_defaults(func=_run_triton)
 
 
@@ -124,8 +124,7 @@ def _fps_modes(text: str) -> list[str]:
 
 
 def _setup(args: argparse.Namespace) -> tuple[PipelineSource, list[str], FastPathOptions, int, int]:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads(args)
     chosen = preset(args.preset)
     width = args.width or chosen.default_width
     height = args.height or chosen.default_height

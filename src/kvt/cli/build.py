@@ -42,7 +42,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timing-cache", help="timing cache file (default: OUT/timing-<TensorRT>-<GPU>.cache)")
     p.add_argument("--force", action="store_true", help="rebuild even when a valid plan exists")
     p.add_argument("--overwrite", action="store_true", help="replace plans of another export in OUT")
-    p.add_argument("--verbose", action="store_true", help="TensorRT's info messages")
     p.set_defaults(func=run)
 
 

@@ -10,6 +10,7 @@ import torch
 
 from kvt.contract.errors import UserError
 from kvt.models.presets import Preset, get_preset
+from kvt.runtime.threads import DEFAULT_THREADS, apply_threads
 
 DTYPES = ("float32", "float16", "bfloat16")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
@@ -24,6 +25,18 @@ def say(command: str, message: str, end: str = "\n") -> None:
     """One line to stderr, prefixed with the command (``kvt build: ...``)."""
     prefix = "kvt" if command in ("", "kvt") else f"kvt {command}"
     print(f"{prefix}: {message}", file=sys.stderr, end=end, flush=True)
+
+
+def add_threads_option(parser: argparse.ArgumentParser, what: str = "torch and ONNX Runtime") -> None:
+    """``--threads N`` on a command that computes on the CPU (policy: kvt.runtime.threads)."""
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help=f"CPU threads of {what} (default {DEFAULT_THREADS}: safe on a busy machine; "
+                             "0: every core this process may use)")
+
+
+def threads(args: argparse.Namespace) -> int:
+    """Apply the command's ``--threads`` (see :func:`add_threads_option`); returns the thread count."""
+    return apply_threads(getattr(args, "threads", None))
 
 
 def preset(name: str) -> Preset:

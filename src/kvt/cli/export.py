@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from kvt.cli.common import parse_list, preset, say
+from kvt.cli.common import add_threads_option, parse_list, preset, say, threads
 from kvt.contract.errors import EXIT_OK
 from kvt.export.exporter import ExportOptions, export_onnx
+from kvt.export.graph_cache import CACHE_ENV, default_cache_dir
 from kvt.export.source import ExportSource
 
 
@@ -26,10 +27,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fp16-movq", action="store_true",
                    help="also run the MoVQs in FP16 (changes outputs; off by default)")
     p.add_argument("--stages", help="comma-separated subset of the stage table (default: all)")
-    p.add_argument("--jobs", type=int, default=1, help="stages exported in parallel (worker processes)")
+    p.add_argument("--jobs", type=int,
+                   help="stages traced in parallel (worker processes, one thread each; default: one per core "
+                        "this process may use, at most one per stage to trace)")
     p.add_argument("--parity-shapes", default="min,opt,max,odd",
                    help="shapes of the parity check: any of min,opt,max,odd, or 'none'")
     p.add_argument("--overwrite", action="store_true", help="replace an existing directory")
+    p.add_argument("--reuse-stages", action="store_true",
+                   help="take the stages that an export in the same parent directory holds identically (same "
+                        "weights, opset, compute precision and graph: the T5 and MoVQs of an FP32 export "
+                        "for an FP16 one) with their parity results, instead of exporting them again")
+    p.add_argument("--no-graph-cache", action="store_true",
+                   help=f"trace every stage; default: reuse traced graphs from {default_cache_dir()} "
+                        f"(${CACHE_ENV} moves it), keyed by architecture, precision, tool versions and kvt's code")
+    add_threads_option(p, "the parity check (torch reference and ONNX Runtime) in the main process")
     p.set_defaults(func=run)
 
 
@@ -38,18 +49,14 @@ def run(args: argparse.Namespace) -> int:
         say("export", message)
 
     preset(args.preset)
+    threads(args)
     shapes = () if args.parity_shapes.strip().lower() == "none" else tuple(parse_list(args.parity_shapes) or ())
     stages = parse_list(args.stages)
     options = ExportOptions(
         precision=args.precision, fp16_movq=args.fp16_movq, stages=tuple(stages) if stages else None,
-        jobs=args.jobs, parity_shapes=shapes, overwrite=args.overwrite)
+        jobs=args.jobs, parity_shapes=shapes, overwrite=args.overwrite, reuse_stages=args.reuse_stages,
+        graph_cache=None if args.no_graph_cache else str(default_cache_dir()), verbose=args.verbose)
     source = ExportSource(args.preset, args.weights, args.text_encoder, args.seed)
-    manifest = export_onnx(source, args.out, options, report=report)
-    for stage, summary in manifest.parity.items():
-        if summary.get("skipped"):
-            report(f"parity {stage}: skipped ({summary['skipped']})")
-        else:
-            report(f"parity {stage}: worst max rel {summary['worst_max_rel']:.2e}, worst cosine "
-                   f"{summary['worst_cosine']:.7f}")
+    export_onnx(source, args.out, options, report=report)
     print(args.out)
     return EXIT_OK

@@ -7,19 +7,20 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
-from kvt.cli.common import DTYPES, UsageError, check_device, dtype, preset, say
+from kvt.cli.common import DTYPES, UsageError, add_threads_option, check_device, dtype, preset, say, threads
 from kvt.contract.errors import EXIT_OK
 from kvt.contract.request import GenerationRequest, validate_request
 from kvt.contract.stages import ResolutionRange
 from kvt.formats.export_dir import ExportManifest
 from kvt.runtime.backends.onnxruntime_backend import ProviderError, resolve_providers
-from kvt.runtime.images import load_image
+from kvt.runtime.images import describe_key_frame_fit, load_image
 from kvt.runtime.loading import PipelineSource
-from kvt.runtime.pipeline import KandinskyVideoPipeline
+from kvt.runtime.pipeline import KandinskyVideoPipeline, PromptTruncatedWarning
 from kvt.runtime.video_io import check_output_path
 from kvt.serving.client import PROTOCOLS, TritonVideoClient, generate_via_triton
 
@@ -33,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "only to check the installation.")
     p.add_argument("prompt", help="text description of the video")
     p.add_argument("--out", required=True, help="output file, .mp4 or .gif")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
     p.add_argument("--image", help="condition on this image (image-to-video)")
     p.add_argument("--fps", default=_D.fps, help="low (12 frames), medium (45) or high (177)")
     p.add_argument("--motion", default=_D.motion, help="low, medium, high or extreme")
@@ -77,6 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--interpolation-steps", type=int, default=_D.interpolation_steps, help="loop C steps per pass")
     p.add_argument("--playback-fps", type=float, help="frames per second of the file (default: frames / 5.5)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_option(p)
     p.set_defaults(func=run)
 
 
@@ -167,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
     if args.device is not None:
         check_device(args.device)
     out = check_output_path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"--out {args.out} already exists; pass --overwrite to replace it, or choose another name")
     if args.playback_fps is not None and not args.playback_fps > 0:
         raise UsageError(f"--playback-fps {args.playback_fps}: must be a positive number")
     if kind == "triton":
@@ -185,7 +190,13 @@ def run(args: argparse.Namespace) -> int:
     request = _request_from_args(args, image, args.width or width, args.height or height)
     validate_request(request, resolution)
 
+    if image is not None:
+        fit = describe_key_frame_fit(image.size, request.width, request.height)
+        if fit:
+            say("", f"{fit} (the model's input is width x height)")
+
     start = time.perf_counter()
+    used_threads = threads(args)
     if kind == "torch" and not args.weights:
         say("", f"no --weights given: running {source.describe()}")
     pipeline = KandinskyVideoPipeline.from_source(source)
@@ -194,13 +205,20 @@ def run(args: argparse.Namespace) -> int:
         providers = sorted({p[0] for p in getattr(pipeline.backend, "providers", {}).values()})
         described += f" on onnxruntime ({', '.join(providers)})"
     loaded = time.perf_counter()
-    output = pipeline.generate(request, progress=not args.no_progress)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PromptTruncatedWarning)  # said once, below, not in the bar
+        output = pipeline.generate(request, progress=not args.no_progress)
     if output.prompt_truncated:
-        say("", f"prompt truncated to {output.prompt_tokens} tokens (it has more than the model reads)")
+        say("", f"prompt truncated to its first {output.prompt_tokens} tokens (with EOS): the model reads "
+                f"{pipeline.table.model.tokens_length}, as the official pipeline does")
+    say("", f"encoding {output.num_frames} frames into {out.name}")  # seconds at fps high: not silent
     path = output.save(out, args.playback_fps)
     done = time.perf_counter()
-    say("", f"{output.num_frames} frames {request.width}x{request.height} (fps {request.fps}, seed "
-            f"{output.seed}) in {output.timings['total']:.2f} s "
-            f"(load {loaded - start:.2f} s, total {done - start:.2f} s) from {described}")
+    playback = args.playback_fps or output.playback_fps
+    say("", f"{output.num_frames} frames {request.width}x{request.height} (fps {request.fps}, motion "
+            f"{request.motion}, seed {output.seed}) in {output.timings['total']:.2f} s "
+            f"(load {loaded - start:.2f} s, total {done - start:.2f} s, {used_threads} CPU thread"
+            f"{'s' if used_threads != 1 else ''}) from {described}; {path.stat().st_size:,} bytes, "
+            f"{output.num_frames / playback:.1f} s at {playback:g} frames/s")
     print(path)
     return EXIT_OK

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import ModuleType
 
+from kvt import __version__
 from kvt.cli import bench, build, doctor, export, generate, plan_memory, rehearse, serve, stages, triton, weights
 from kvt.cli.common import say
 from kvt.contract.errors import (  # noqa: F401  (EXIT_* re-exported for callers of main())
@@ -36,17 +38,36 @@ from kvt.contract.errors import (  # noqa: F401  (EXIT_* re-exported for callers
     exit_code,
 )
 
+EXIT_BROKEN_PIPE = 128 + 13  # as `seq 1 1000000 | head` exits: killed by SIGPIPE
+
 # Each module registers its subcommands (register(sub)) and sets ``func`` on them; order = help order.
 COMMANDS: tuple[ModuleType, ...] = (generate, weights, stages, export, build, plan_memory, triton, serve, rehearse,
                                      doctor, bench)
 
 
+_VERBOSE_HELP = ("info-level logging and the messages of third-party tools (torch.onnx, ONNX Runtime, "
+                 "TensorRT, transformers); accepted before or after the command")
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in dict.fromkeys(action.choices.values()):
+                yield choice
+                yield from _subparsers(choice)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvt", description="Kandinsky Video 1.1 deployment toolkit")
-    parser.add_argument("-v", "--verbose", action="store_true", help="info-level logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
+    parser.add_argument("--version", action="version", version=f"kvt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMANDS:
         module.register(sub)
+    for command in _subparsers(parser):
+        # SUPPRESS: a subcommand without -v leaves the value of `kvt -v CMD` alone.
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help=_VERBOSE_HELP)
     return parser
 
 
@@ -77,7 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         code: int = args.func(args)
+        sys.stdout.flush()
         return code
+    except BrokenPipeError:
+        # `kvt stages | head`: the reader left. Point stdout at /dev/null so the interpreter's final
+        # flush does not fail again, and exit as a process killed by SIGPIPE would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except (Exception, KeyboardInterrupt) as error:
         code_for = exit_code(error)
         if code_for is None:

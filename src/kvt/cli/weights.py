@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kvt.cli.common import DTYPES, UsageError, dtype, preset, say
+from kvt.cli.common import DTYPES, UsageError, add_threads_option, dtype, preset, say, threads
 from kvt.contract.errors import EXIT_OK
 from kvt.models.checkpoint_write import write_checkpoint_dir
 from kvt.models.convert import convert_checkpoint_dir
@@ -21,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--dtype", choices=DTYPES, help="cast stored weights (e.g. float16 for full size)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing directory")
+    add_threads_option(p, "torch (random initialisation)")
     p.set_defaults(func=run_make_weights)
 
     p = sub.add_parser("convert-weights", help="rewrite official .pt checkpoints as safetensors (same keys)",
@@ -41,6 +42,7 @@ def run_make_weights(args: argparse.Namespace) -> int:
     chosen = preset(args.preset)
     if Path(args.out).exists() and not args.overwrite:
         raise UsageError(f"--out {args.out} already exists (pass --overwrite to replace it)")
+    threads(args)
     models = random_models(chosen, seed=args.seed)
     path = write_checkpoint_dir(models, args.out, overwrite=args.overwrite, dtype=dtype(args.dtype))
     say("", f"wrote preset {chosen.name!r} (seed {args.seed}) to {path}")

@@ -65,6 +65,30 @@ def atomic_path(path: str | Path, mode: int | None = None) -> Iterator[Path]:
             tmp.unlink()
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux reports it (os.umask sets it, which is
+    racy with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def default_file_mode(*paths: Path) -> None:
+    """Give files the permissions the umask grants a new file (0644 under umask 022).
+
+    Some writers (safetensors, and transformers through it) create files 0600, as a temporary file
+    would be: a server container or pod running as another user could not read the weights."""
+    umask = _umask()
+    for path in paths:
+        os.chmod(path, 0o666 & ~umask)
+
+
 def write_bytes_atomic(path: str | Path, data: bytes | memoryview) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

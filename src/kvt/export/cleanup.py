@@ -1,10 +1,11 @@
 """Graph clean-up of an exported stage (weights still graph inputs, so this is cheap at any size).
 
 1. strip the exporter's per-node metadata (stack traces and scopes: most of a graph-only file);
-2. constants as typed initializers, then constant folding and shape inference with Polygraphy (the
-   shape arithmetic of dynamic axes);
-3. ``CastLike`` with a known target rewritten as ``Cast``, ``Shape`` of a weight (a graph input of
-   static shape until attach.py) replaced by its value, and a second fold: what the first could not
+2. constants as typed initializers; ``CastLike`` with a known target rewritten as ``Cast`` (ONNX Runtime,
+   which evaluates the folded subgraphs, has no CastLike kernel); constant folding and shape inference
+   with Polygraphy (the shape arithmetic of dynamic axes);
+3. ``CastLike`` whose target became known by folding rewritten too, ``Shape`` of a weight (a graph input
+   of static shape until attach.py) replaced by its value, and a second fold: what the first could not
    reach (GroupNorm's InstanceNormalization scale/bias, the computed zero bias of bias-free convolutions)
    becomes an initializer, as TensorRT's parser wants build-time constants; onnx-graphsurgeon clean-up
    (dead nodes, unused weight inputs) and topological sort;
@@ -18,8 +19,11 @@ lints it).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import onnx
 
@@ -179,15 +183,55 @@ def check_graph(model: onnx.ModelProto, spec: StageSpec, opset: int) -> None:
                               f"stage table {list(spec.input_names)} -> {list(spec.output_names)}")
 
 
+class _NamedTensors(list):  # type: ignore[type-arg]
+    """A list of onnx-graphsurgeon tensors whose ``in`` is a set lookup by name (Tensor.__eq__ compares
+    names, so the answer is the same)."""
+
+    def __init__(self, tensors: list[Any]) -> None:
+        super().__init__(tensors)
+        self._names = {tensor.name for tensor in tensors}
+
+    def __contains__(self, tensor: object) -> bool:
+        return getattr(tensor, "name", None) in self._names
+
+
+@contextlib.contextmanager
+def linear_graphsurgeon_cleanup() -> Iterator[None]:
+    """onnx-graphsurgeon 0.6's ``Graph.cleanup`` tests every graph input with ``in`` against the list of
+    used tensors: graph inputs x tensors comparisons. Our graphs keep every weight as a graph input, so
+    that was ~45 M comparisons for a tiny U-Net, two thirds of its clean-up time, and it runs once per
+    folding pass. This makes the membership test a set lookup for the duration of the block; the
+    cleaned graph is the same."""
+    import onnx_graphsurgeon as gs
+
+    original = gs.Graph._get_used_node_ids
+
+    def used_node_ids(graph: Any) -> tuple[set[int], list[Any]]:
+        node_ids, tensors = original(graph)
+        return node_ids, _NamedTensors(tensors)
+
+    gs.Graph._get_used_node_ids = used_node_ids
+    try:
+        yield
+    finally:
+        gs.Graph._get_used_node_ids = original
+
+
 def clean_graph(path: Path, spec: StageSpec, opset: int, fp16: bool) -> dict[str, int]:
     """Clean the graph-only model at ``path`` in place; returns node counts. ``fp16`` needs no pass of
     its own any more (Softmax keeps the graph's dtype); kept for the exporter's call."""
+    with linear_graphsurgeon_cleanup():
+        return _clean_graph(path, spec, opset, fp16)
+
+
+def _clean_graph(path: Path, spec: StageSpec, opset: int, fp16: bool) -> dict[str, int]:
     model = onnx.load(str(path))
     before = len(model.graph.node)
     strip_metadata(model)
     constants_to_initializers(model)
-    model = fold_and_infer(model)
     castlike = castlike_to_cast(infer_types(model))
+    model = fold_and_infer(model)
+    castlike += castlike_to_cast(infer_types(model))
     shapes = fold_weight_shapes(model)
     model = fold_and_infer(model)  # the second fold (kvt.engines.static_checks checks a third removes nothing)
     model = graphsurgeon_cleanup(model, spec.input_names)

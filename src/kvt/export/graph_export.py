@@ -13,9 +13,11 @@ inputs named ``network.<parameter>`` until attach.py turns them into initializer
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -28,6 +30,31 @@ from kvt.formats.export_dir import WEIGHT_PREFIX
 OPSET = 18
 
 log = logging.getLogger(__name__)
+
+
+# Loggers of the exporter stack whose warnings are not the user's business unless they ask (-v): torch.onnx
+# warns once per process that torchvision is not installed (its ops are skipped), onnxscript about
+# opset conversions.
+_THIRD_PARTY_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir")
+
+
+@contextlib.contextmanager
+def third_party_quiet(verbose: bool) -> Iterator[None]:
+    """Silence the exporter stack's progress prints and warnings unless ``verbose``."""
+    if verbose:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in _THIRD_PARTY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 class ExportError(KvtError, RuntimeError):
@@ -52,7 +79,7 @@ def trace_dims(spec: StageSpec) -> dict[str, int]:
     return chosen
 
 
-def export_graph(module: nn.Module, spec: StageSpec, path: Path) -> list[str]:
+def export_graph(module: nn.Module, spec: StageSpec, path: Path, verbose: bool = False) -> list[str]:
     """Export ``module`` (weights on the meta device) to ``path`` with weights as graph inputs.
 
     Returns the weight names (``network.<parameter>``). Dynamic axes come from the stage table; an axis
@@ -62,13 +89,13 @@ def export_graph(module: nn.Module, spec: StageSpec, path: Path) -> list[str]:
     sample = spec.sample_inputs(dims)
     args = tuple(sample[name].to("meta") for name in spec.input_names)
     dynamic_shapes = tuple({axis: torch.export.Dim.AUTO for axis in t.dynamic_axes} for t in spec.inputs)
-    with warnings.catch_warnings():
+    with third_party_quiet(verbose), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
                 module, args, input_names=list(spec.input_names), output_names=list(spec.output_names),
                 dynamic_shapes=dynamic_shapes, opset_version=OPSET, dynamo=True, optimize=False,
-                verify=False, report=False,
+                verify=False, report=False, verbose=verbose,
             )
         except Exception as exc:  # the exporter raises many types; keep the stage in the message
             raise ExportError(f"stage {spec.name}: torch.onnx.export failed: {type(exc).__name__}: "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from kvt.contract.errors import UserError
-from kvt.contract.files import replace_dir, temporary_dir_beside
+from kvt.contract.files import default_file_mode, replace_dir, temporary_dir_beside
 from kvt.models.model_set import KandinskyVideoModels
 from kvt.models.presets import TEXT_ENCODER_FOLDER
 from kvt.models.registry import CONFIGS_FILE, NETWORK_FILES, PROJECTIONS_FILE
@@ -60,7 +61,7 @@ def write_checkpoint_dir(models: KandinskyVideoModels, out_dir: str | Path, over
         torch.save({head: sd(getattr(models.text_encoder, head)) for head in PROJECTION_HEADS},
                    tmp / PROJECTIONS_FILE)
         t5_dir = tmp / TEXT_ENCODER_FOLDER
-        models.text_encoder.t5.save_pretrained(str(t5_dir), safe_serialization=True)
+        _save_t5(models.text_encoder.t5, t5_dir)
         spiece = models.tokenizer.folder / "spiece.model"
         if spiece.is_file():
             shutil.copy2(spiece, t5_dir / "spiece.model")
@@ -73,3 +74,18 @@ def write_checkpoint_dir(models: KandinskyVideoModels, out_dir: str | Path, over
         raise
     return out_dir
 
+
+def _save_t5(t5: nn.Module, folder: Path) -> None:
+    """transformers' ``save_pretrained`` without its progress bar (unless -v) and with files readable
+    under the umask (it writes safetensors 0600)."""
+    from transformers.utils import logging as hf_logging
+
+    quiet = not logging.getLogger(__name__).isEnabledFor(logging.INFO) and hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        t5.save_pretrained(str(folder), safe_serialization=True)  # type: ignore[operator]
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
+    default_file_mode(*(path for path in folder.iterdir() if path.is_file()))

@@ -26,7 +26,13 @@ from typing import Any
 import torch
 
 from kvt.contract.errors import UserError
-from kvt.contract.files import FileRecordError, check_file_records, file_records, write_json_atomic
+from kvt.contract.files import (
+    FileRecordError,
+    check_file_records,
+    default_file_mode,
+    file_records,
+    write_json_atomic,
+)
 
 SAFETENSORS_SUFFIX = ".safetensors"
 NULL_EMBEDDING_KEY = "null_embedding"
@@ -136,6 +142,7 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file(_unshared(tensors), str(path), metadata={"format": "pt", "written_by": "kvt"})
+    default_file_mode(path)  # safetensors writes 0600
 
 
 # -------------------------------------------------------------------------------------- manifest

@@ -52,8 +52,7 @@ def key_frame_pixels(image: Image.Image, width: int, height: int) -> torch.Tenso
     Downscale (never up) so the smaller scale factor matches width x height, centre-crop to exactly
     width x height (an image smaller than that is padded with black by the crop), convert to RGB.
     """
-    reduce_factor = max(1.0, min(image.size[0] / width, image.size[1] / height))
-    image = image.resize((round(image.size[0] / reduce_factor), round(image.size[1] / reduce_factor)))
+    image = image.resize(resized_size(image.size, width, height))
     old_width, old_height = image.size
     box = ((old_width - width) / 2, (old_height - height) / 2,
            (old_width + width) / 2, (old_height + height) / 2)
@@ -62,6 +61,30 @@ def key_frame_pixels(image: Image.Image, width: int, height: int) -> torch.Tenso
         image = image.convert("RGB")
     array = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
     return (2.0 * array.to(torch.float32).div(255) - 1.0).unsqueeze(0)
+
+
+def resized_size(size: tuple[int, int], width: int, height: int) -> tuple[int, int]:
+    """The size an image of ``size`` (w, h) is resized to before the centre crop to width x height."""
+    reduce_factor = max(1.0, min(size[0] / width, size[1] / height))
+    return round(size[0] / reduce_factor), round(size[1] / reduce_factor)
+
+
+def describe_key_frame_fit(size: tuple[int, int], width: int, height: int) -> str | None:
+    """What :func:`key_frame_pixels` does to an image of ``size`` (w, h), in words; None if nothing.
+
+    The official pipeline resizes and crops a conditioning image without a word; a user should know
+    that a 768x512 photo became a 64x64 centre crop.
+    """
+    w, h = size
+    if (w, h) == (width, height):
+        return None
+    rw, rh = resized_size(size, width, height)
+    steps = [] if (rw, rh) == (w, h) else [f"resized to {rw}x{rh}"]
+    crop, pad = rw > width or rh > height, rw < width or rh < height
+    if crop or pad:
+        how = " and ".join(word for word, done in (("centre-cropped", crop), ("padded with black", pad)) if done)
+        steps.append(f"{how} to {width}x{height}")
+    return f"input image {w}x{h} " + " and ".join(steps)
 
 
 def load_image(source: str | Path | Image.Image) -> Image.Image:

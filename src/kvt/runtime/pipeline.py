@@ -59,6 +59,11 @@ from kvt.runtime.video_io import default_playback_fps, save_video
 log = logging.getLogger(__name__)
 
 
+class PromptTruncatedWarning(UserWarning):
+    """The prompt has more tokens than the text encoder reads; it was cut as the official pipeline does
+    (``VideoOutput.prompt_truncated`` says so too, for callers that silence the warning)."""
+
+
 class GenerationCancelled(CancelledError):
     """The per-step callback asked to stop."""
 
@@ -141,7 +146,10 @@ class VideoOutput:
 
 
 class _Progress:
-    """One tqdm bar over every sampler step of a request, or nothing."""
+    """One tqdm bar over every sampler step of a request and every video-decoder chunk, or nothing.
+
+    The decoder chunks are counted so that the bar does not sit at 100 % through the video decode
+    (about half a minute at fps high on a CPU)."""
 
     def __init__(self, total: int, enabled: bool) -> None:
         self._bar = None
@@ -319,7 +327,7 @@ class KandinskyVideoPipeline:
             noise = SeededNoise(request.seed, self.device)
         timings: dict[str, float] = {}
         passes = INTERPOLATION_PASSES[request.fps]
-        bar = _Progress(request_total_steps(request), progress)
+        bar = _Progress(request_total_steps(request) + len(video_decode_chunks(request.num_frames)), progress)
         try:
             with self._timed(timings, "text_encoder"):
                 text = self.encode_prompt(request.prompt)
@@ -345,7 +353,7 @@ class KandinskyVideoPipeline:
                                                request.interpolation_guidance_scale,
                                                request.interpolation_steps, noise, bar, callback)
             with self._timed(timings, "video_decode"):
-                frames = self.decode_video(latents)
+                frames = self.decode_video(latents, bar)
         finally:
             bar.close()
         timings["total"] = sum(timings.values())
@@ -379,8 +387,7 @@ class KandinskyVideoPipeline:
             message = (f"prompt has {tokens.n_tokens_requested} tokens (with EOS); the model reads "
                        f"{tokens.tokens_length}: it was truncated to the first {tokens.tokens_length - 1} "
                        "pieces + EOS, as the official pipeline does")
-            warnings.warn(message, stacklevel=3)
-            log.warning(message)
+            warnings.warn(message, PromptTruncatedWarning, stacklevel=3)
         ids = tokens.input_ids.to(self.device, torch.int32)
         mask = tokens.attention_mask.to(self.device, torch.int32)
         context = self.backend.run("text_encoder", {"input_ids": ids, "attention_mask": mask})["context"]
@@ -505,7 +512,7 @@ class KandinskyVideoPipeline:
         return interleave(frames, new_frames)
 
     @torch.inference_mode()
-    def decode_video(self, latents: torch.Tensor) -> npt.NDArray[np.uint8]:
+    def decode_video(self, latents: torch.Tensor, progress: _Progress | None = None) -> npt.NDArray[np.uint8]:
         """Video MoVQ decode in the official chunks (``chunk(T // 4)``) -> uint8 [T, H, W, 3].
 
         With ``decode_on_device`` (default) the uint8 frames stay on the device and are copied to the
@@ -513,6 +520,8 @@ class KandinskyVideoPipeline:
         on_device: list[torch.Tensor] = []
         on_host: list[npt.NDArray[np.uint8]] = []
         start = 0
+        if progress is not None:
+            progress.stage("video_decode")
         for size in video_decode_chunks(latents.shape[0]):
             chunk = latents[start:start + size].float().contiguous()
             frames = self.backend.run("video_movq_decoder", {"latent": chunk})["frames"]
@@ -521,6 +530,8 @@ class KandinskyVideoPipeline:
             else:
                 on_host.append(to_uint8(frames))
             start += size
+            if progress is not None:
+                progress.update()
         return torch.cat(on_device).cpu().numpy() if self.decode_on_device else np.concatenate(on_host)
 
     # ------------------------------------------------------------------ the one loop
