@@ -6,7 +6,8 @@ about 35 GB of weights, which with the U-Nets does not fit an 80 GB GPU. Plans a
 (the graph's types are the plan's), so the precision is chosen in the graph: this module rewrites a
 copy of it, before TensorRT parses it, with
 
-* every FP32 weight that feeds a GEMM (MatMul / Gemm weight operands) or an embedding lookup (Gather
+* every FP32 weight that feeds a GEMM (MatMul / Gemm weight operands, directly or through a Transpose:
+  torch's exporter writes ``Linear`` as ``MatMul(x, Transpose(W))``) or an embedding lookup (Gather
   tables) stored as BF16 (round to nearest even), so those GEMMs and lookups run in BF16 (BF16 has
   FP32's exponent range: no overflow);
 * a Cast to BF16 on the activation operand of those GEMMs and a Cast back to FP32 on their outputs, so
@@ -84,22 +85,34 @@ def _raw_bytes(tensor: TensorProto, base: Path) -> bytes:
     return onnx.numpy_helper.to_array(tensor).tobytes()
 
 
-def _weight_initializers(model: onnx.ModelProto) -> set[str]:
-    """FP32 initializers of rank >= 2 used only as the weight operand of MatMul / Gemm / Gather."""
+def _weight_initializers(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
+    """FP32 initializers of rank >= 2 used only as the weight operand of MatMul / Gemm / Gather, directly
+    or through Transposes whose outputs are used only as a MatMul / Gemm weight; and those Transposes'
+    outputs (BF16 values once their input is)."""
     initializers = {t.name: t for t in model.graph.initializer}
-    uses: dict[str, list[tuple[str, int]]] = {}
+    uses: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for node in model.graph.node:
         for position, name in enumerate(node.input):
-            if name in initializers:
-                uses.setdefault(name, []).append((node.op_type, position))
-    chosen = set()
+            uses.setdefault(name, []).append((node, position))
+
+    def weight_use(node: onnx.NodeProto, position: int) -> bool:
+        return WEIGHT_OPERANDS.get(node.op_type) == position
+
+    chosen: set[str] = set()
+    transposed: set[str] = set()
     for name, tensor in initializers.items():
         if tensor.data_type != TensorProto.FLOAT or len(tensor.dims) < 2:
             continue
         used = uses.get(name, [])
-        if used and all(WEIGHT_OPERANDS.get(op) == position for op, position in used):
+        through = [node.output[0] for node, position in used if node.op_type == "Transpose" and position == 0]
+        direct = all(weight_use(node, position) or (node.op_type == "Transpose" and position == 0)
+                      for node, position in used)
+        via_transpose = all(uses.get(out) and all(weight_use(n, p) and n.op_type != "Gather"
+                                                  for n, p in uses[out]) for out in through)
+        if used and direct and via_transpose:
             chosen.add(name)
-    return chosen
+            transposed.update(through)
+    return chosen, transposed
 
 
 def _rewrite_nodes(model: onnx.ModelProto, bf16: set[str]) -> int:
@@ -139,10 +152,13 @@ def rewrite_bf16_weights(source: str | Path, target: str | Path) -> RewriteResul
     source, target = Path(source), Path(target)
     model = onnx.load(str(source), load_external_data=False)
     base = source.parent
-    bf16 = _weight_initializers(model)
+    bf16, transposed = _weight_initializers(model)
     if not bf16:
         raise PrecisionRewriteError(f"{source}: no FP32 GEMM or embedding weights to store as BF16")
-    casts = _rewrite_nodes(model, bf16)
+    casts = _rewrite_nodes(model, bf16 | transposed)
+    # The exporter's recorded types say FP32 for the weights and their transposes, and know nothing of the
+    # new Casts' outputs: drop them all (ONNX shape inference and TensorRT's parser infer them again).
+    del model.graph.value_info[:]
     total = sum(_nbytes(t) for t in model.graph.initializer)
     data_name = f"{target.name}.data"
     external = total > EXTERNAL_DATA_BYTES
