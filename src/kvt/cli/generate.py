@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 from kvt.cli.common import DTYPES, UsageError, check_device, dtype, preset, say
 from kvt.contract.errors import EXIT_OK
-from kvt.contract.request import GenerationRequest, validate_request
+from kvt.contract.request import GenerationRequest, request_warnings, validate_request
 from kvt.contract.stages import ResolutionRange
 from kvt.formats.export_dir import ExportManifest
 from kvt.runtime.backends.onnxruntime_backend import ProviderError, resolve_providers
@@ -31,12 +32,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Text-to-video / image-to-video. Without --weights the embedded tiny "
                                    "preset runs with seeded random weights: its output is noise, useful "
                                    "only to check the installation.")
-    p.add_argument("prompt", help="text description of the video")
+    p.add_argument("prompt", help="text description of the video (may be empty: EOS only, as officially)")
+    p.add_argument("--negative-prompt", help="accepted for drop-in compatibility and ignored, as by the "
+                                             "official pipeline (a warning says so)")
     p.add_argument("--out", required=True, help="output file, .mp4 or .gif")
     p.add_argument("--image", help="condition on this image (image-to-video)")
     p.add_argument("--fps", default=_D.fps, help="low (12 frames), medium (45) or high (177)")
-    p.add_argument("--motion", default=_D.motion, help="low, medium, high or extreme")
-    p.add_argument("--width", type=int, help="frame width, multiple of 64 (default: 512; tiny preset 64)")
+    p.add_argument("--motion", default=_D.motion,
+                   help="low, medium, high or extreme ('normal', the official default, is medium)")
+    p.add_argument("--width", type=int, help="frame width, multiple of 64 (default: 512; tiny preset 64); "
+                                             "torch / onnxruntime: width x height up to 1024 x 1024 pixels, "
+                                             "engines and Triton: the built range")
     p.add_argument("--height", type=int, help="frame height, multiple of 64 (default: 512; tiny preset 64)")
     p.add_argument("--seed", type=int, help="random seed (default: a random one, printed)")
     p.add_argument("--weights", help="checkpoint directory in the official layout (t2v.pt, ...)")
@@ -125,7 +131,7 @@ def _request_from_args(args: argparse.Namespace, image: object, width: int | Non
         interpolation_guidance_scale=args.interpolation_guidance_scale,
         noise_augmentation=args.noise_augmentation, seed=args.seed,
         key_frame_steps=args.key_frame_steps, base_frame_steps=args.base_frame_steps,
-        interpolation_steps=args.interpolation_steps,
+        interpolation_steps=args.interpolation_steps, negative_prompt=args.negative_prompt,
     )
 
 
@@ -136,6 +142,8 @@ def _generate_on_triton(args: argparse.Namespace, out: Path) -> int:
     # Everything but the size range, which only the server's export knows: checked with the widest one.
     probe = request.__class__(**{**request.__dict__, "width": args.width or 64, "height": args.height or 64})
     validate_request(probe, ResolutionRange(64, 64, 1024))
+    for message in request_warnings(request):
+        say("", f"warning: {message}")
     path = generate_via_triton(args.triton, args.protocol or "http", request, out, progress=not args.no_progress,
                                report=lambda message, end="\n": say("triton", message, end))
     print(path)
@@ -175,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     width, height = source.default_size()
     image = load_image(args.image) if args.image else None
     request = _request_from_args(args, image, args.width or width, args.height or height)
-    validate_request(request, resolution)
+    request = validate_request(request, resolution)
 
     start = time.perf_counter()
     if kind == "torch" and not args.weights:
@@ -186,9 +194,11 @@ def run(args: argparse.Namespace) -> int:
         providers = sorted({p[0] for p in getattr(pipeline.backend, "providers", {}).values()})
         described += f" on onnxruntime ({', '.join(providers)})"
     loaded = time.perf_counter()
-    output = pipeline.generate(request, progress=not args.no_progress)
-    if output.prompt_truncated:
-        say("", f"prompt truncated to {output.prompt_tokens} tokens (it has more than the model reads)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # each one is printed once below
+        output = pipeline.generate(request, progress=not args.no_progress)
+    for message in output.warnings:
+        say("", f"warning: {message}")
     path = output.save(out, args.playback_fps)
     done = time.perf_counter()
     say("", f"{output.num_frames} frames {request.width}x{request.height} (fps {request.fps}, seed "

@@ -6,8 +6,8 @@ compute precision, trace the graph (graph_export.py), clean it (cleanup.py), str
 every stage against torch float32 (parity.py), the manifest.
 
 Precision policy of ``--precision fp16``: the three U-Net stages compute in FP16 (weights FP16, the
-modules' own FP32 islands: group norms, the projection LayerNorm, sinusoidal embeddings; Softmax in
-FP32 too); the MoVQs stay FP32 unless ``fp16_movq`` (output-changing, off by default, spec
+modules' own FP32 islands, those of the official autocast: each group norm with the modulation and SiLU
+that follow it up to the next conv, sinusoidal embeddings; Softmax in FP32 too); the MoVQs stay FP32 unless ``fp16_movq`` (output-changing, off by default, spec
 deployment.md); the T5 text encoder always stays FP32 (T5 activations overflow FP16; BF16 has poor
 ONNX Runtime CPU coverage). Every graph keeps the stage table's FP32/INT32/BOOL inputs and outputs.
 
@@ -32,6 +32,7 @@ from typing import Any
 
 from kvt.contract.errors import UserError
 from kvt.contract.files import replace_dir, temporary_dir_beside
+from kvt.contract.stages import ResolutionRange, StageTable
 from kvt.export.attach import attach_weights
 from kvt.export.cleanup import clean_graph
 from kvt.export.graph_export import OPSET, ExportError, export_graph
@@ -64,6 +65,13 @@ class ExportOptions:
     jobs: int = 1
     parity_shapes: tuple[str, ...] = SHAPE_LABELS  # () skips parity
     overwrite: bool = False
+    # Frame sizes (min, opt, max pixels) the export's ranges and parity shapes cover; None: the preset's
+    # range when the architecture is a preset's, else 64 / 512 / 1024.
+    resolution: tuple[int, int, int] | None = None
+
+    def table(self, config: Any) -> StageTable:
+        """The stage table of ``config`` for this export's frame sizes."""
+        return stage_table_for(config, None if self.resolution is None else ResolutionRange(*self.resolution))
 
     def compute_precision(self, network: str) -> str:
         if self.precision == "fp16" and (network in UNET_NETWORKS or
@@ -87,14 +95,15 @@ def tool_versions() -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------- one stage
 
-def export_stage(source: ExportSource, stage: str, compute: str, directory: str) -> dict[str, Any]:
+def export_stage(source: ExportSource, stage: str, compute: str, directory: str,
+                 options: ExportOptions = ExportOptions()) -> dict[str, Any]:
     """Export one stage into ``directory`` (runs in a worker process). Returns the manifest entry."""
     import torch
 
     torch.set_num_threads(1)
     start = time.perf_counter()
     opened = source.open()
-    spec = stage_table_for(opened.config)[stage]
+    spec = options.table(opened.config)[stage]
     network = opened.build(spec.network)
     if compute == "fp16":
         network = network.half()
@@ -192,7 +201,7 @@ def _run_jobs(source: ExportSource, stages: tuple[str, ...], table, options: Exp
     if options.jobs == 1 or len(jobs) == 1:
         for stage, compute in jobs:
             report(f"exporting {stage} ({compute})")
-            results[stage] = export_stage(source, stage, compute, str(tmp))
+            results[stage] = export_stage(source, stage, compute, str(tmp), options)
         return results
     import multiprocessing
 
@@ -200,7 +209,8 @@ def _run_jobs(source: ExportSource, stages: tuple[str, ...], table, options: Exp
     # Longest first (the U-Nets), so the pool finishes together.
     order = sorted(jobs, key=lambda job: table[job[0]].network not in UNET_NETWORKS)
     with ProcessPoolExecutor(max_workers=options.jobs, mp_context=context) as pool:
-        futures = {stage: pool.submit(export_stage, source, stage, compute, str(tmp)) for stage, compute in order}
+        futures = {stage: pool.submit(export_stage, source, stage, compute, str(tmp), options)
+                   for stage, compute in order}
         report(f"exporting {len(futures)} stages with {options.jobs} worker processes")
         for stage, future in futures.items():
             results[stage] = future.result()
@@ -228,12 +238,12 @@ def export_onnx(source: ExportSource, out_dir: str | Path, options: ExportOption
     """Export ``source`` to ``out_dir``; returns the manifest (of the existing export if reused)."""
     out_dir = Path(out_dir)
     opened = source.open()  # strict checkpoint checks happen here, before any work
-    table = stage_table_for(opened.config)
+    table = options.table(opened.config)
     stages = _check_options(options, table.names)
     draft = ExportManifest(
         precision=options.precision, opset=OPSET,
         model={"tokens_length": table.model.tokens_length, "context_dim": table.model.context_dim,
-               "preset": source.preset, "resolution": [table.resolution.min, table.resolution.opt,
+               "preset": source.label, "resolution": [table.resolution.min, table.resolution.opt,
                                                        table.resolution.max]},
         source={**source.describe(), **opened.digest()}, tools=tool_versions(),
         options={"fp16_movq": options.fp16_movq, "softmax": "fp32",
@@ -265,7 +275,7 @@ def export_onnx(source: ExportSource, out_dir: str | Path, options: ExportOption
                 report(f"parity {stage}: torch float32 vs ONNX Runtime at {list(options.parity_shapes)}")
                 parities.append(stage_parity(opened, table, stage, tmp / draft.stages[stage].file,
                                              draft.stages[stage].compute_precision, options.parity_shapes))
-            draft.parity = write_report(parities, tmp, f"{source.preset} {options.precision}")
+            draft.parity = write_report(parities, tmp, f"{source.label} {options.precision}")
             parity_ok = all(p.passed or p.skipped for p in parities)
         draft.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         draft.write(tmp)

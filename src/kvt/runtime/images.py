@@ -7,6 +7,7 @@ to RGB and mapped back to [-1, 1]. A torch resize is not equivalent, so Pillow d
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,17 @@ def to_uint8(images: torch.Tensor) -> npt.NDArray[np.uint8]:
     return pixels.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def key_frame_pixels(image: Image.Image, width: int, height: int) -> torch.Tensor:
-    """The MoVQ encoder input for ``image``: [1, 3, height, width] float32 in [-1, 1].
+def key_frame_image(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The official preprocessing of a conditioning image of any mode: the RGB width x height image the
+    MoVQ encoder sees (official ``encode_image``, t2v_pipeline.py; quirk 16).
 
-    Downscale (never up) so the smaller scale factor matches width x height, centre-crop to exactly
-    width x height (an image smaller than that is padded with black by the crop), convert to RGB.
+    In the image's own mode: downscale (never up) by max(1, min(w / width, h / height)) to the rounded
+    size with Pillow's default filter (bicubic; Pillow resizes RGBA / LA with premultiplied alpha, so
+    colour under transparent pixels does not bleed in, and palette / bilevel images with nearest),
+    centre-crop to exactly width x height (Pillow rounds the float box; where the image is smaller the
+    crop pads with zeros of its mode), and only then convert to RGB (zeros become black, white for
+    CMYK, palette entry 0 for palette images). Converting to RGB first gives other pixels for RGBA, LA,
+    P and CMYK images, so a server must receive the image in its own mode, losslessly, and call this.
     """
     reduce_factor = max(1.0, min(image.size[0] / width, image.size[1] / height))
     image = image.resize((round(image.size[0] / reduce_factor), round(image.size[1] / reduce_factor)))
@@ -45,26 +52,38 @@ def key_frame_pixels(image: Image.Image, width: int, height: int) -> torch.Tenso
     box = ((old_width - width) / 2, (old_height - height) / 2,
            (old_width + width) / 2, (old_height + height) / 2)
     image = image.crop(box)
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    array = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def key_frame_pixels(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """The MoVQ encoder input for ``image`` (any mode): [1, 3, height, width] float32 in [-1, 1], from
+    :func:`key_frame_image` (ToTensor, then 2x - 1, as the official ``image_transform``)."""
+    rgb = key_frame_image(image, width, height)
+    array = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
     return (2.0 * array.to(torch.float32).div(255) - 1.0).unsqueeze(0)
 
 
-def load_image(source: str | Path | Image.Image) -> Image.Image:
-    """A fully decoded PIL image from a path or an image; unreadable files raise ImageInputError."""
+def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
+    """A fully decoded PIL image, in the mode the file stores, from a path, the bytes of an image file
+    (e.g. a PNG a client sent losslessly) or an image; unreadable data raises ImageInputError."""
     if isinstance(source, Image.Image):
         return source
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _decode(io.BytesIO(bytes(source)), f"image data ({len(source)} bytes)")
     path = Path(source)
     if not path.is_file():
         raise ImageInputError(f"image {str(path)!r} does not exist or is not a file")
+    return _decode(path, f"image {str(path)!r}")
+
+
+def _decode(source: Path | io.BytesIO, what: str) -> Image.Image:
     try:
-        with Image.open(path, formats=IMAGE_FORMATS) as opened:
-            _check_pixels(opened.size, f"image {str(path)!r}")  # from the header, before decoding
+        with Image.open(source, formats=IMAGE_FORMATS) as opened:
+            _check_pixels(opened.size, what)  # from the header, before decoding
             opened.load()
             return opened.copy()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageInputError(f"image {str(path)!r} cannot be read as an image of the formats "
+        raise ImageInputError(f"{what} cannot be read as an image of the formats "
                               f"{list(IMAGE_FORMATS)} ({exc})") from None
 
 

@@ -59,6 +59,7 @@ SCALAR_FIELDS: tuple[Field, ...] = (
     _scalar("KEY_FRAME_STEPS", "key_frame_steps", DType.INT32),
     _scalar("BASE_FRAME_STEPS", "base_frame_steps", DType.INT32),
     _scalar("INTERPOLATION_STEPS", "interpolation_steps", DType.INT32),
+    _scalar("NEGATIVE_PROMPT", "negative_prompt", DType.STRING),  # accepted and ignored, as officially
 )
 IMAGE = "IMAGE"  # uint8 RGB [H, W, 3], optional: image-to-video
 
