@@ -177,6 +177,32 @@ def test_lossless_image_bytes_keep_the_mode(tmp_path) -> None:
         load_image(b"not an image")
 
 
+@pytest.mark.parametrize("mode", IMAGE_MODES)
+def test_the_wire_carries_the_image_in_its_own_mode(mode: str) -> None:
+    """The Triton client sends the image losslessly in its own mode (IMAGE_FILE) and the server side
+    decodes the same mode, size, pixels and palette, so it preprocesses exactly what an in-process run
+    does (converting to RGB on the client, as before, gave other pixels: fidelity.md D1)."""
+    image = _image(mode, 90, 70)
+    arrays = request_to_arrays(GenerationRequest("a cat", width=64, height=64, image=image))
+    assert "IMAGE" not in arrays and arrays["IMAGE_FILE"].dtype == np.object_
+    served = arrays_to_request(arrays, (64, 64)).image
+    assert served is not None and served.mode == image.mode and served.size == image.size
+    assert np.array_equal(np.asarray(served), np.asarray(image)) and served.getpalette() == image.getpalette()
+    assert torch.equal(key_frame_pixels(served, 64, 64), official_pixels(image, 64, 64)[None])
+
+
+def test_the_wire_refuses_unreadable_or_double_images() -> None:
+    arrays = request_to_arrays(GenerationRequest("a cat", width=64, height=64, image=_image("RGB", 70, 70)))
+    with pytest.raises(InvalidRequestError, match="IMAGE_FILE=.*cannot be read as an image"):
+        arrays_to_request({**arrays, "IMAGE_FILE": np.array([b"not an image"], np.object_)}, (64, 64))
+    with pytest.raises(InvalidRequestError, match="IMAGE_FILE=.*bytes of an image file"):
+        arrays_to_request({**arrays, "IMAGE_FILE": np.array([3], np.int32)}, (64, 64))
+    with pytest.raises(InvalidRequestError, match="one image: IMAGE or IMAGE_FILE"):
+        arrays_to_request({**arrays, "IMAGE": np.zeros((70, 70, 3), np.uint8)}, (64, 64))
+    raw = arrays_to_request({"PROMPT": arrays["PROMPT"], "IMAGE": np.full((70, 70, 3), 9, np.uint8)}, (64, 64))
+    assert raw.image is not None and raw.image.mode == "RGB"  # raw RGB pixels are still accepted
+
+
 # --------------------------------------------------------------------------------------------------
 # an image smaller than the frame: padded as officially
 

@@ -92,6 +92,53 @@ def test_image_to_video_matches_in_process(triton_server, pipeline):
     assert_frames_match(video.frames, pipeline.generate(request, progress=False).frames)
 
 
+def _transparent(base: Image.Image, mode: str, under: int) -> Image.Image:
+    """``base`` in ``mode`` (RGBA or LA) with a quarter of the pixels fully transparent and half partly
+    so; the colour under the fully transparent ones is ``under`` (255 white, 0 black), as image editors
+    store it."""
+    pixels = np.array(base.convert(mode[:-1]))
+    height, width = pixels.shape[:2]
+    y, x = np.mgrid[0:height, 0:width]
+    alpha = np.where(x < width // 4, 0, np.where(y < height // 2, 255, (x * 7 + y * 3) % 256)).astype(np.uint8)
+    colour = pixels if pixels.ndim == 3 else pixels[..., None]
+    colour = np.where((alpha == 0)[..., None], under, colour).astype(np.uint8)
+    return Image.fromarray(np.concatenate([colour, alpha[..., None]], axis=-1), mode)
+
+
+# The modes of item 3 of issue 16 (fidelity.md D1) and how each is made from the RGB gradient.
+IMAGE_MODES = {
+    "RGB": lambda image: image,
+    "RGBA-white": lambda image: _transparent(image, "RGBA", 255),
+    "RGBA-black": lambda image: _transparent(image, "RGBA", 0),
+    "LA": lambda image: _transparent(image, "LA", 255),
+    "P": lambda image: image.convert("P", palette=Image.Palette.ADAPTIVE, colors=64),
+    "L": lambda image: image.convert("L"),
+    "CMYK": lambda image: image.convert("CMYK"),
+}
+
+
+@pytest.mark.parametrize("name", list(IMAGE_MODES))
+def test_image_modes_match_in_process(triton_server, pipeline, name):
+    """Every image mode through the real server gives the in-process frames: the client sends the image in
+    its own mode (lossless bytes) and the server does the official preprocessing, resize before RGB."""
+    from kvt.runtime.images import key_frame_image
+
+    image = IMAGE_MODES[name](_image(97, 83))
+    assert image.mode == name.split("-")[0]
+    request = _request("a kite over a hill", image=image, seed=33)
+    official = np.array(key_frame_image(image, 64, 64))
+    rgb_first = np.array(key_frame_image(image.convert("RGB"), 64, 64))
+    differing = float((official != rgb_first).any(axis=-1).mean())
+    if name in ("RGBA-white", "RGBA-black", "LA", "P"):  # what the RGB-first client got wrong
+        assert differing > 0.05, differing
+    with _client(triton_server, "http") as client:
+        video = client.generate(request)
+    local = pipeline.generate(request, progress=False)
+    print(f"{name}: conditioning pixels differing if converted to RGB first {differing:.1%}; served vs "
+          f"in-process max |diff| {int(np.abs(video.frames.astype(int) - local.frames).max())}")
+    assert_frames_match(video.frames, local.frames)
+
+
 def test_streaming_reports_every_step(triton_server, pipeline):
     request = _request("a city at night", fps="medium", seed=5)
     steps = []

@@ -76,6 +76,22 @@ def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
     return _decode(path, f"image {str(path)!r}")
 
 
+# Modes PNG stores losslessly (Pillow writes "I" as 16 bits, so it goes to TIFF with CMYK, YCbCr and F).
+_PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16")
+
+
+def lossless_image_bytes(image: Image.Image) -> bytes:
+    """``image`` as the bytes of an image file that :func:`load_image` decodes to the same mode, size,
+    pixels and palette: PNG where PNG holds the mode, TIFF otherwise (CMYK, YCbCr, I, F). A client sends
+    these so that the server does the official preprocessing in the image's own mode."""
+    buffer = io.BytesIO()
+    if image.mode in _PNG_MODES:
+        image.save(buffer, format="PNG")
+    else:
+        image.save(buffer, format="TIFF")
+    return buffer.getvalue()
+
+
 def _decode(source: Path | io.BytesIO, what: str) -> Image.Image:
     try:
         with Image.open(source, formats=IMAGE_FORMATS) as opened:

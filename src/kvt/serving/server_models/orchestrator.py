@@ -25,7 +25,7 @@ from kvt.contract.stages import ModelDims, ResolutionRange, build_stage_table
 from kvt.formats.triton_repo import verify_repository
 from kvt.models.text_encoder import PromptTokenizer
 from kvt.runtime.pipeline import GenerationCancelled, KandinskyVideoPipeline
-from kvt.serving.protocol import IMAGE, SCALAR_FIELDS, arrays_to_request
+from kvt.serving.protocol import IMAGE_INPUTS, SCALAR_FIELDS, arrays_to_request
 from kvt.serving.server_models.stage_backend import TritonStageBackend
 
 PIPELINE_FILE = "pipeline.json"
@@ -71,7 +71,7 @@ class TritonPythonModel:
 
     def _parse(self, request):
         arrays = {}
-        for name in [f.name for f in SCALAR_FIELDS] + [IMAGE]:
+        for name in [f.name for f in SCALAR_FIELDS] + list(IMAGE_INPUTS):
             tensor = self.pb.get_input_tensor_by_name(request, name)
             if tensor is not None:
                 arrays[name] = tensor.as_numpy()
