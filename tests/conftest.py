@@ -116,17 +116,41 @@ def tiny_export_fp16(tmp_path_factory, tiny_checkpoint_dir) -> Path:
     return _export_tiny(tmp_path_factory, tiny_checkpoint_dir, "fp16")
 
 
+def reference_frame_sizes() -> tuple[int, int, int]:
+    """(min, opt, max) frame side of the reference folder's end-to-end cases (their meta.json)."""
+    from support import refdata
+
+    sides = []
+    for path in refdata.files_with_prefix("e2e/"):
+        meta = refdata.reference_dir() / Path(path).parent / "meta.json"
+        if meta.is_file():
+            kwargs = json.loads(meta.read_text())["kwargs"]
+            sides += [int(kwargs.get("width", 512)), int(kwargs.get("height", 512))]
+    if not sides:
+        sides = [64]
+    return min(sides), min(sides), max(sides)
+
+
 @pytest.fixture(scope="session")
 def reference_export_fp32(tmp_path_factory) -> Path:
-    """The reference checkpoints exported in FP32, for the ONNX Runtime cases of the end-to-end parity
-    test (skips without the reference folder)."""
+    """The reference checkpoints exported in FP32 for the ONNX Runtime cases of the end-to-end parity
+    test (skips without the reference folder). The architecture is the folder's own (no preset); the
+    export's ranges and parity shapes cover the frame sizes of its end-to-end cases."""
+    import hashlib
+
+    from kvt.export.exporter import ExportOptions, export_onnx
     from kvt.export.source import ExportSource
     from support import refdata
 
     ref = refdata.require_reference()
+    sizes = reference_frame_sizes()
     base = _cache_dir() or tmp_path_factory.mktemp("exports")
-    return _export(ExportSource("tiny", weights=str(ref / "checkpoints")), base / "reference_fp32", "fp32",
-                   _graph_cache(tmp_path_factory))
+    # One cached export per reference folder and size range (another folder is another export).
+    key = hashlib.sha256(f"{ref}|{sizes}".encode()).hexdigest()[:12]
+    out = base / f"reference_fp32_{key}"
+    export_onnx(ExportSource(None, weights=str(ref / "checkpoints")), out,
+                ExportOptions(precision="fp32", jobs=2, resolution=sizes, graph_cache=_graph_cache(tmp_path_factory)))
+    return out
 
 
 # ------------------------------------------------------------------------------ pipelines

@@ -56,7 +56,8 @@ def test_console_script_end_to_end(tmp_path):
     (["--fps", "ultra"], "fps='ultra' is not allowed: one of ['low', 'medium', 'high']"),
     (["--motion", "fast"], "motion='fast'"),
     (["--width", "100"], "width=100 is not allowed: a multiple of 64"),
-    (["--height", "2048"], "height=2048"),
+    (["--width", "1024", "--height", "2048"], "1024x2048 = 2097152 pixels"),
+    (["--height", "16448"], "height=16448"),
     (["--guidance-weight-prompt", "-2"], "guidance_weight_prompt=-2.0"),
     (["--key-frame-guidance-scale", "nan"], "key_frame_guidance_scale=nan"),
     (["--noise-augmentation", "5000"], "noise_augmentation=5000"),
@@ -95,14 +96,20 @@ def test_bad_output_paths(tmp_path, capsys):
         assert "not writable" in capsys.readouterr().err
 
 
-def test_empty_prompt_and_small_image(tmp_path, capsys):
-    assert main(["generate", "  ", "--out", str(tmp_path / "v.mp4")]) == EXIT_INVALID
-    assert "prompt='  '" in capsys.readouterr().err
+def test_official_inputs_are_served_with_warnings(tmp_path, capsys):
+    """An empty prompt, a small image, motion 'normal' and a negative prompt: served as the official
+    pipeline serves them, each notice printed once."""
     small = tmp_path / "small.png"
-    Image.new("RGB", (32, 32)).save(small)
-    assert main(["generate", "a cat", "--image", str(small), "--out", str(tmp_path / "v.mp4")]) == EXIT_INVALID
-    assert "32x32 pixels" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.png"]
+    Image.new("RGB", (32, 48), (200, 30, 30)).save(small)
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "  ", "--image", str(small), "--motion", "normal", "--negative-prompt", "blurry",
+                 "--out", str(out), *FAST]) == EXIT_OK
+    err = capsys.readouterr().err
+    assert err.count("warning: prompt='  ' is empty") == 1
+    assert err.count("warning: image 32x48 is smaller than the output frame 64x64") == 1
+    assert err.count("warning: negative_prompt='blurry' has no effect") == 1
+    assert "motion" not in err
+    assert _frames(out).shape == (12, 64, 64, 3)
 
 
 def test_make_weights_then_generate_from_them(tmp_path):

@@ -1,7 +1,8 @@
 """Structure of kvt.models.movq.MoVQ: parameter counts, key sets, dtypes, chunk validation, export.
 
 Full-size counts are the official modules' counts measured on the meta device
-(docs/spec/checkpoints.md); tiny key sets must equal the reference checkpoints' exactly.
+(docs/spec/checkpoints.md); the key sets built from the reference folder's configs.json must equal its
+checkpoints' exactly.
 """
 
 from __future__ import annotations
@@ -73,9 +74,9 @@ def test_attention_levels_follow_nominal_resolution() -> None:
 
 
 @pytest.mark.parametrize("kind", ["image", "video"])
-def test_tiny_state_dict_matches_reference_checkpoint(kind: str) -> None:
+def test_state_dict_matches_reference_checkpoint(kind: str) -> None:
     ref = refdata.require_reference()
-    config = TINY.config.video_movq if kind == "video" else TINY.config.image_movq
+    config = refdata.config().video_movq if kind == "video" else refdata.config().image_movq
     checkpoint = torch.load(ref / "checkpoints" / ("video_movq.pt" if kind == "video" else "movq.pt"),
                             weights_only=True)
     model = MoVQ(config)
@@ -88,23 +89,32 @@ def test_tiny_state_dict_matches_reference_checkpoint(kind: str) -> None:
     assert list(model.buffers()) == [], "no buffers: the loader builds on meta and loads with assign=True"
 
 
-BF16_CASES = [("movq_encode_B", "image"), ("movq_decode_B", "image"), ("video_movq_decode_A", "video")]
+def _bf16_cases() -> list[tuple[str, str]]:
+    """The last image-MoVQ encode and decode cases and the first video-MoVQ decode case of the manifest."""
+    cases: dict[str, str] = {}
+    for path in refdata.files_with_prefix("modules/"):
+        producer = refdata.file_entry(path)["producer"]
+        if not producer.startswith("kandinsky_video.movq.MoVQ"):
+            continue
+        kind = "video" if "(video MoVQ" in producer else "image"
+        role = f"{kind} {'encode' if 'MoVQ.encode' in producer else 'decode'}"
+        if kind == "image" or role not in cases:
+            cases[role] = refdata.case_name(path)
+    return [(case, role.split()[0]) for role, case in cases.items()]
 
 
-@pytest.mark.parametrize("case,kind", BF16_CASES)
+@pytest.mark.parametrize("case,kind", _bf16_cases())
 @torch.no_grad()
 def test_bf16_run_is_finite_and_close_to_fp32(case: str, kind: str) -> None:
     ref = refdata.require_reference()
-    path = f"modules/{case}.safetensors"
-    if path not in refdata.manifest()["files"]:
-        pytest.skip(f"{path} not in this reference folder")
-    config = TINY.config.video_movq if kind == "video" else TINY.config.image_movq
+    path = refdata.case_path(case)
+    config = refdata.config().video_movq if kind == "video" else refdata.config().image_movq
     model = MoVQ(config).eval()
     checkpoint = "video_movq.pt" if kind == "video" else "movq.pt"
     model.load_state_dict(torch.load(ref / "checkpoints" / checkpoint, weights_only=True), strict=True)
     model = model.to(torch.bfloat16)
     tensors = refdata.load_tensors(path)
-    if "encode" in case:
+    if "MoVQ.encode" in refdata.file_entry(path)["producer"]:
         out = model.encode(tensors["x"].to(torch.bfloat16))
     else:
         frames = refdata.file_entry(path)["meta"].get("num_frames")

@@ -100,8 +100,9 @@ def test_callback_sees_every_step_and_can_cancel(recorded):
 
 
 @pytest.mark.parametrize("kwargs,parameter", [
-    (dict(width=100), "width"), (dict(height=32), "height"), (dict(width=2048), "width"),
-    (dict(width=64.0), "width"), (dict(fps="ultra"), "fps"), (dict(motion="normal"), "motion"),
+    (dict(width=100), "width"), (dict(height=32), "height"), (dict(width=16448), "width"),
+    (dict(width=64.0), "width"), (dict(fps="ultra"), "fps"), (dict(motion="fast"), "motion"),
+    (dict(negative_prompt=3), "negative_prompt"),
     (dict(key_frame_guidance_scale=-1.0), "key_frame_guidance_scale"),
     (dict(guidance_weight_prompt=float("nan")), "guidance_weight_prompt"),
     (dict(guidance_weight_image=float("inf")), "guidance_weight_image"),
@@ -119,18 +120,23 @@ def test_invalid_values_are_rejected_before_any_work(recorded, kwargs, parameter
     assert backend.calls == [], "validation happens before any stage runs"
 
 
-@pytest.mark.parametrize("prompt", ["", "   ", None])
-def test_empty_prompt(recorded, prompt):
+@pytest.mark.parametrize("prompt", [None, 3, b"a cat"])
+def test_prompt_must_be_text(recorded, prompt):
     pipe, backend = recorded
     with pytest.raises(InvalidRequestError, match="prompt"):
         pipe(prompt, progress=False)
     assert backend.calls == []
 
 
-def test_small_or_unreadable_image(recorded, tmp_path):
+def test_frame_area_above_the_memory_limit_is_rejected(recorded):
     pipe, backend = recorded
-    with pytest.raises(InvalidRequestError, match=r"image='60x80 pixels'.*at least the output size 64x64"):
-        pipe("a cat", Image.new("RGB", (60, 80)), progress=False)
+    with pytest.raises(InvalidRequestError, match=r"1280x1024 = 1310720 pixels.*at most 1048576 pixels"):
+        pipe("a cat", width=1280, height=1024, progress=False)
+    assert backend.calls == []
+
+
+def test_unreadable_image(recorded, tmp_path):
+    pipe, backend = recorded
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     with pytest.raises(InvalidRequestError, match="cannot be read as an image"):

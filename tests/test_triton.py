@@ -92,6 +92,53 @@ def test_image_to_video_matches_in_process(triton_server, pipeline):
     assert_frames_match(video.frames, pipeline.generate(request, progress=False).frames)
 
 
+def _transparent(base: Image.Image, mode: str, under: int) -> Image.Image:
+    """``base`` in ``mode`` (RGBA or LA) with a quarter of the pixels fully transparent and half partly
+    so; the colour under the fully transparent ones is ``under`` (255 white, 0 black), as image editors
+    store it."""
+    pixels = np.array(base.convert(mode[:-1]))
+    height, width = pixels.shape[:2]
+    y, x = np.mgrid[0:height, 0:width]
+    alpha = np.where(x < width // 4, 0, np.where(y < height // 2, 255, (x * 7 + y * 3) % 256)).astype(np.uint8)
+    colour = pixels if pixels.ndim == 3 else pixels[..., None]
+    colour = np.where((alpha == 0)[..., None], under, colour).astype(np.uint8)
+    return Image.fromarray(np.concatenate([colour, alpha[..., None]], axis=-1), mode)
+
+
+# The modes of item 3 of issue 16 (fidelity.md D1) and how each is made from the RGB gradient.
+IMAGE_MODES = {
+    "RGB": lambda image: image,
+    "RGBA-white": lambda image: _transparent(image, "RGBA", 255),
+    "RGBA-black": lambda image: _transparent(image, "RGBA", 0),
+    "LA": lambda image: _transparent(image, "LA", 255),
+    "P": lambda image: image.convert("P", palette=Image.Palette.ADAPTIVE, colors=64),
+    "L": lambda image: image.convert("L"),
+    "CMYK": lambda image: image.convert("CMYK"),
+}
+
+
+@pytest.mark.parametrize("name", list(IMAGE_MODES))
+def test_image_modes_match_in_process(triton_server, pipeline, name):
+    """Every image mode through the real server gives the in-process frames: the client sends the image in
+    its own mode (lossless bytes) and the server does the official preprocessing, resize before RGB."""
+    from kvt.runtime.images import key_frame_image
+
+    image = IMAGE_MODES[name](_image(97, 83))
+    assert image.mode == name.split("-")[0]
+    request = _request("a kite over a hill", image=image, seed=33)
+    official = np.array(key_frame_image(image, 64, 64))
+    rgb_first = np.array(key_frame_image(image.convert("RGB"), 64, 64))
+    differing = float((official != rgb_first).any(axis=-1).mean())
+    if name in ("RGBA-white", "RGBA-black", "LA", "P"):  # what the RGB-first client got wrong
+        assert differing > 0.05, differing
+    with _client(triton_server, "http") as client:
+        video = client.generate(request)
+    local = pipeline.generate(request, progress=False)
+    print(f"{name}: conditioning pixels differing if converted to RGB first {differing:.1%}; served vs "
+          f"in-process max |diff| {int(np.abs(video.frames.astype(int) - local.frames).max())}")
+    assert_frames_match(video.frames, local.frames)
+
+
 def test_streaming_reports_every_step(triton_server, pipeline):
     request = _request("a city at night", fps="medium", seed=5)
     steps = []
@@ -157,13 +204,13 @@ def test_concurrent_clients_get_their_own_videos(triton_server, pipeline):
     ({"FPS": np.array([b"ultra"], np.object_)}, ["fps='ultra'", "'low', 'medium', 'high'"]),
     ({"MOTION": np.array([b"wild"], np.object_)}, ["motion='wild'", "extreme"]),
     ({"PROMPT": None}, ["PROMPT", "required"]),
-    ({"PROMPT": np.array([b"   "], np.object_)}, ["prompt=", "non-empty"]),
+    ({"PROMPT": np.array([b"a\x00b"], np.object_)}, ["prompt=", "without NUL"]),
     ({"WIDTH": np.array([64.0], np.float32)}, ["WIDTH", "INT32"]),
     ({"KEY_FRAME_STEPS": np.array([0], np.int32)}, ["key_frame_steps=0", "[1, 1000]"]),
     ({"GUIDANCE_WEIGHT_PROMPT": np.array([np.nan])}, ["guidance_weight_prompt=nan", "finite"]),
     ({"GUIDANCE_WEIGHT_PROMPT": np.array([5.0], np.float32)}, ["GUIDANCE_WEIGHT_PROMPT", "FP64"]),
     ({"SEED": np.array([3, 4], np.int64)}, ["SEED", "Expected [1], got [2]"]),
-    ({"IMAGE": np.zeros((32, 32, 3), np.uint8)}, ["image=", "at least the output size 64x64"]),
+    ({"IMAGE": np.zeros((8193, 1, 3), np.uint8)}, ["image=", "at most 8192 pixels per side"]),
 ])
 def test_bad_request_gets_a_clear_error_and_the_server_keeps_serving(triton_server, arrays, expected):
     from kvt.serving.protocol import request_to_arrays

@@ -312,7 +312,7 @@ def _wire(array: np.ndarray) -> str:
 
 _names = st.sampled_from(["PROMPT", "WIDTH", "HEIGHT", "FPS", "MOTION", "SEED", "KEY_FRAME_STEPS",
                           "BASE_FRAME_STEPS", "INTERPOLATION_STEPS", "GUIDANCE_WEIGHT_PROMPT",
-                          "NOISE_AUGMENTATION", "IMAGE", "NOT_AN_INPUT"])
+                          "NOISE_AUGMENTATION", "IMAGE", "IMAGE_FILE", "NOT_AN_INPUT"])
 _arrays = st.one_of(
     st.builds(lambda v: np.array([v], dtype=np.int32), st.integers(-2**31, 2**31 - 1)),
     st.builds(lambda v: np.array([v], dtype=np.int64), st.integers(-2**63, 2**63 - 1)),

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from kvt.cli.common import add_threads_option, parse_list, preset, say, threads
+from kvt.cli.common import UsageError, add_threads_option, parse_list, preset, say, threads
 from kvt.contract.errors import EXIT_OK
+from kvt.contract.stages import ResolutionRange
 from kvt.export.exporter import ExportOptions, export_onnx
 from kvt.export.graph_cache import CACHE_ENV, default_cache_dir
 from kvt.export.source import ExportSource
@@ -18,7 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "table, external data for models over 1 GiB), the tokenizer, the null embeddings, "
                     "parity.json / parity.md and manifest.json. Weights come from --weights (official "
                     "layout) or, without it, seeded random weights of the preset.")
-    p.add_argument("--preset", default="tiny", help="architecture: tiny or full (must match --weights)")
+    p.add_argument("--preset", help="architecture of the random weights: tiny (default), small or full; "
+                                    "with --weights a check that the checkpoint is this preset (without "
+                                    "it the checkpoint's configs.json decides)")
     p.add_argument("--weights", help="checkpoint directory in the official layout")
     p.add_argument("--text-encoder", help="Flan-UL2 folder (default: configs.json text_encoder.weights_path)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (without --weights)")
@@ -32,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "this process may use, at most one per stage to trace)")
     p.add_argument("--parity-shapes", default="min,opt,max,odd",
                    help="shapes of the parity check: any of min,opt,max,odd, or 'none'")
+    p.add_argument("--resolution", metavar="MIN,OPT,MAX",
+                   help="frame sizes in pixels (multiples of 64) the dynamic ranges and parity shapes cover "
+                        "(default: the preset's range, else 64,512,1024)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing directory")
     p.add_argument("--reuse-stages", action="store_true",
                    help="take the stages that an export in the same parent directory holds identically (same "
@@ -44,18 +50,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _resolution(text: str | None) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",")]
+        if len(values) != 3:
+            raise ValueError(f"{len(values)} values given")
+        ResolutionRange(*values)
+    except ValueError as exc:
+        raise UsageError(f"--resolution {text!r}: three multiples of 64, MIN,OPT,MAX with MIN <= OPT <= MAX "
+                         f"({exc})") from None
+    return (values[0], values[1], values[2])
+
+
 def run(args: argparse.Namespace) -> int:
     def report(message: str) -> None:
         say("export", message)
 
-    preset(args.preset)
+    if args.preset is not None:
+        preset(args.preset)
     threads(args)
     shapes = () if args.parity_shapes.strip().lower() == "none" else tuple(parse_list(args.parity_shapes) or ())
     stages = parse_list(args.stages)
     options = ExportOptions(
         precision=args.precision, fp16_movq=args.fp16_movq, stages=tuple(stages) if stages else None,
         jobs=args.jobs, parity_shapes=shapes, overwrite=args.overwrite, reuse_stages=args.reuse_stages,
-        graph_cache=None if args.no_graph_cache else str(default_cache_dir()), verbose=args.verbose)
+        graph_cache=None if args.no_graph_cache else str(default_cache_dir()), verbose=args.verbose,
+        resolution=_resolution(args.resolution))
     source = ExportSource(args.preset, args.weights, args.text_encoder, args.seed)
     export_onnx(source, args.out, options, report=report)
     print(args.out)

@@ -14,13 +14,13 @@ import torch
 
 from kvt.cli.common import DTYPES, UsageError, add_threads_option, check_device, dtype, preset, say, threads
 from kvt.contract.errors import EXIT_OK
-from kvt.contract.request import GenerationRequest, validate_request
+from kvt.contract.request import GenerationRequest, request_warnings, validate_request
 from kvt.contract.stages import ResolutionRange
 from kvt.formats.export_dir import ExportManifest
 from kvt.runtime.backends.onnxruntime_backend import ProviderError, resolve_providers
 from kvt.runtime.images import describe_key_frame_fit, load_image
 from kvt.runtime.loading import PipelineSource
-from kvt.runtime.pipeline import KandinskyVideoPipeline, PromptTruncatedWarning
+from kvt.runtime.pipeline import KandinskyVideoPipeline
 from kvt.runtime.video_io import check_output_path
 from kvt.serving.client import PROTOCOLS, TritonVideoClient, generate_via_triton
 
@@ -32,13 +32,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Text-to-video / image-to-video. Without --weights the embedded tiny "
                                    "preset runs with seeded random weights: its output is noise, useful "
                                    "only to check the installation.")
-    p.add_argument("prompt", help="text description of the video")
+    p.add_argument("prompt", help="text description of the video (may be empty: EOS only, as officially)")
+    p.add_argument("--negative-prompt", help="accepted for drop-in compatibility and ignored, as by the "
+                                             "official pipeline (a warning says so)")
     p.add_argument("--out", required=True, help="output file, .mp4 or .gif")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
     p.add_argument("--image", help="condition on this image (image-to-video)")
     p.add_argument("--fps", default=_D.fps, help="low (12 frames), medium (45) or high (177)")
-    p.add_argument("--motion", default=_D.motion, help="low, medium, high or extreme")
-    p.add_argument("--width", type=int, help="frame width, multiple of 64 (default: 512; tiny preset 64)")
+    p.add_argument("--motion", default=_D.motion,
+                   help="low, medium, high or extreme ('normal', the official default, is medium)")
+    p.add_argument("--width", type=int, help="frame width, multiple of 64 (default: 512; tiny preset 64); "
+                                             "torch / onnxruntime: width x height up to 1024 x 1024 pixels, "
+                                             "engines and Triton: the built range")
     p.add_argument("--height", type=int, help="frame height, multiple of 64 (default: 512; tiny preset 64)")
     p.add_argument("--seed", type=int, help="random seed (default: a random one, printed)")
     p.add_argument("--weights", help="checkpoint directory in the official layout (t2v.pt, ...)")
@@ -130,7 +135,7 @@ def _request_from_args(args: argparse.Namespace, image: object, width: int | Non
         interpolation_guidance_scale=args.interpolation_guidance_scale,
         noise_augmentation=args.noise_augmentation, seed=args.seed,
         key_frame_steps=args.key_frame_steps, base_frame_steps=args.base_frame_steps,
-        interpolation_steps=args.interpolation_steps,
+        interpolation_steps=args.interpolation_steps, negative_prompt=args.negative_prompt,
     )
 
 
@@ -143,10 +148,12 @@ def _generate_on_triton(args: argparse.Namespace, out: Path) -> int:
         info = client.server_info()
         width, height = args.width or info.default_width, args.height or info.default_height
         request = _request_from_args(args, image, width, height)
-        validate_request(request, ResolutionRange(info.resolution[0], info.default_width, info.resolution[1]))
+        request = validate_request(request, ResolutionRange(info.resolution[0], info.default_width, info.resolution[1]))
         if request.fps not in info.fps_modes:
             raise UsageError(f"--fps {request.fps}: the server serves fps {', '.join(info.fps_modes)} "
                              f"({info.served})")
+        for message in request_warnings(request):
+            say("", f"warning: {message}")
         path = generate_via_triton(client, request, out, progress=not args.no_progress,
                                    report=lambda message, end="\n": say("triton", message, end))
     print(path)
@@ -188,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
     width, height = source.default_size()
     image = load_image(args.image) if args.image else None
     request = _request_from_args(args, image, args.width or width, args.height or height)
-    validate_request(request, resolution)
+    request = validate_request(request, resolution)
 
     if image is not None:
         fit = describe_key_frame_fit(image.size, request.width, request.height)
@@ -206,11 +213,13 @@ def run(args: argparse.Namespace) -> int:
         described += f" on onnxruntime ({', '.join(providers)})"
     loaded = time.perf_counter()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PromptTruncatedWarning)  # said once, below, not in the bar
+        warnings.simplefilter("ignore")  # each one is said once, below, not in the bar
         output = pipeline.generate(request, progress=not args.no_progress)
     if output.prompt_truncated:
         say("", f"prompt truncated to its first {output.prompt_tokens} tokens (with EOS): the model reads "
                 f"{pipeline.table.model.tokens_length}, as the official pipeline does")
+    for message in output.warnings:
+        say("", f"warning: {message}")
     say("", f"encoding {output.num_frames} frames into {out.name}")  # seconds at fps high: not silent
     path = output.save(out, args.playback_fps)
     done = time.perf_counter()

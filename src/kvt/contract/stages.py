@@ -59,6 +59,16 @@ def video_decode_chunks(num_frames: int) -> list[int]:
 MAX_DECODE_CHUNK = max(max(video_decode_chunks(frames)) for frames in FPS_FRAMES.values())
 
 
+# The memory-based frame-size limit of the backends that run any multiple of 64 (torch, ONNX Runtime):
+# width x height at most 1024 x 1024 pixels. Activation memory grows with the frame area: at the limit,
+# with the released networks, the key frame is decoded at 2048 x 2048 (image MoVQ top level: 256
+# channels, 4 GiB per FP32 activation) and every video-decoder chunk holds 5 frames of 256 x 1024 x 1024
+# (5 GiB per activation), an estimated 20-40 GiB of activations on top of the weights (README). Any
+# aspect ratio within the area is accepted (1280 x 768, 192 x 128, 4096 x 256 ...), as by the official
+# code; engines and Triton serve the range they were built for.
+MAX_FRAME_PIXELS = 1024 * 1024
+
+
 @dataclass(frozen=True)
 class Dim:
     """A dynamic dimension: its range and step. ``opt`` is what engines are tuned for."""
@@ -333,11 +343,16 @@ def _make_context_consistent(out: dict[str, torch.Tensor], gen: torch.Generator)
 
 @dataclass(frozen=True)
 class ResolutionRange:
-    """Output frame sizes the stage ranges are built for (pixels; multiples of 64)."""
+    """Output frame sizes the stage ranges are built for (pixels; multiples of 64).
+
+    ``max_pixels`` additionally bounds width x height (None: only the per-side range): the range of a
+    backend that runs any size (:func:`any_size_range`). Artifacts record min / opt / max only.
+    """
 
     min: int = 64
     opt: int = 512
     max: int = 1024
+    max_pixels: int | None = None
 
     def __post_init__(self) -> None:
         for value in (self.min, self.opt, self.max):
@@ -345,11 +360,25 @@ class ResolutionRange:
                 raise ValueError(f"resolution {value} is not a multiple of {PIXEL_MULTIPLE}")
         if not self.min <= self.opt <= self.max:
             raise ValueError(f"resolution range needs min <= opt <= max, got {self}")
+        if self.max_pixels is not None and self.max_pixels < self.min * self.min:
+            raise ValueError(f"max_pixels {self.max_pixels} is below min x min = {self.min * self.min}")
+
+    def contains(self, width: int, height: int) -> bool:
+        """Whether a width x height frame is inside the range (sides and area)."""
+        sides = all(self.min <= v <= self.max and v % PIXEL_MULTIPLE == 0 for v in (width, height))
+        return sides and (self.max_pixels is None or width * height <= self.max_pixels)
 
     def latent(self, downscale: int) -> Dim:
         """The range of a latent side at pixels / downscale (video latents 8, key-frame latents 4)."""
         return Dim(self.min // downscale, self.opt // downscale, self.max // downscale,
                    PIXEL_MULTIPLE // downscale)
+
+
+def any_size_range(opt: int = 512) -> ResolutionRange:
+    """Every multiple of 64 the official code runs, within the memory-based limit MAX_FRAME_PIXELS:
+    sides from 64 up to MAX_FRAME_PIXELS / 64, width x height at most MAX_FRAME_PIXELS. The range of
+    the backends without built shape ranges (torch, ONNX Runtime)."""
+    return ResolutionRange(PIXEL_MULTIPLE, opt, MAX_FRAME_PIXELS // PIXEL_MULTIPLE, MAX_FRAME_PIXELS)
 
 
 @dataclass(frozen=True)
@@ -422,6 +451,10 @@ class StageTable:
             if spec.loop == loop:
                 return spec.name
         raise KeyError(f"no stage is called by loop {loop!r}; loops: {[s.loop for s in self if s.loop]}")
+
+    def with_resolution(self, resolution: ResolutionRange) -> StageTable:
+        """The same stages for another range of frame sizes."""
+        return build_stage_table(self.model, resolution)
 
     def summary(self) -> dict[str, Any]:
         """The facts the table is built from, as artifacts record them (:meth:`from_summary`)."""

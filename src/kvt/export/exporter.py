@@ -12,8 +12,9 @@ parity results, instead of being exported again: the FP32 stages of an FP16 expo
 an FP32 export of the same weights.
 
 Precision policy of ``--precision fp16``: the three U-Net stages compute in FP16 (weights FP16, the
-modules' own FP32 islands: group norms, the projection LayerNorm, sinusoidal embeddings; attention's
-Softmax stays FP16 so TensorRT can fuse it, its kernels accumulate in FP32); the MoVQs stay FP32 unless ``fp16_movq`` (output-changing, off by default, spec
+modules' own FP32 islands, those of the official autocast: each group norm with the modulation and SiLU
+that follow it up to the next conv, sinusoidal embeddings; attention's Softmax stays FP16 so TensorRT can
+fuse it, its kernels accumulate in FP32); the MoVQs stay FP32 unless ``fp16_movq`` (output-changing, off by default, spec
 deployment.md); the T5 text encoder always stays FP32 (T5 activations overflow FP16; BF16 has poor
 ONNX Runtime CPU coverage). Every graph keeps the stage table's FP32/INT32/BOOL inputs and outputs.
 
@@ -39,7 +40,7 @@ from typing import Any
 
 from kvt.contract.errors import UserError
 from kvt.contract.files import default_file_mode, replace_dir, temporary_dir_beside
-from kvt.contract.stages import StageTable
+from kvt.contract.stages import ResolutionRange, StageTable
 from kvt.export.attach import attach_weights
 from kvt.export.cleanup import clean_graph
 from kvt.export.graph_cache import GraphCache, graph_key
@@ -66,6 +67,11 @@ class ParityError(ExportError):
     """An exported stage exceeded its parity threshold; the export was not put in place."""
 
 
+def export_table(config: Any, resolution: tuple[int, int, int] | None) -> StageTable:
+    """The stage table of ``config`` for an export covering ``resolution`` (min, opt, max pixels)."""
+    return stage_table_for(config, None if resolution is None else ResolutionRange(*resolution))
+
+
 @dataclass(frozen=True)
 class ExportOptions:
     precision: str = "fp32"
@@ -77,6 +83,13 @@ class ExportOptions:
     graph_cache: str | None = None  # folder of the graph cache (graph_cache.py); None: trace every stage
     reuse_stages: bool = False  # take identical stages from exports in the same parent directory
     verbose: bool = False  # third-party tools' messages (torch.onnx, ONNX Runtime)
+    # Frame sizes (min, opt, max pixels) the export's ranges and parity shapes cover; None: the preset's
+    # range when the architecture is a preset's, else 64 / 512 / 1024.
+    resolution: tuple[int, int, int] | None = None
+
+    def table(self, config: Any) -> StageTable:
+        """The stage table of ``config`` for this export's frame sizes."""
+        return export_table(config, self.resolution)
 
     def compute_precision(self, network: str) -> str:
         if self.precision == "fp16" and (network in UNET_NETWORKS or
@@ -101,12 +114,13 @@ def tool_versions() -> dict[str, str]:
 # ---------------------------------------------------------------------------------------- one stage
 
 def export_stage(source: ExportSource, stage: str, compute: str, directory: str,
-                 cache_dir: str | None = None, verbose: bool = False) -> dict[str, Any]:
+                 cache_dir: str | None = None, verbose: bool = False,
+                 resolution: tuple[int, int, int] | None = None) -> dict[str, Any]:
     """Export one stage into ``directory`` (in a worker process or inline). Returns the manifest entry and
     the stage's statistics (node counts, seconds per step, whether the graph came from the cache)."""
     start = time.perf_counter()
     opened = source.open()
-    spec = stage_table_for(opened.config)[stage]
+    spec = export_table(opened.config, resolution)[stage]
     directory_path = Path(directory)
     graph = directory_path / f".{stage}.graph.onnx"
     key = graph_key(spec, opened.config, opened.t5_config, compute, OPSET)
@@ -228,7 +242,8 @@ def _exported_stages(source: ExportSource, jobs: list[tuple[str, str]], workers:
     """(stage, result) of every job, in the order they finish; inline when one worker suffices."""
     if workers == 1 or len(jobs) == 1:
         for stage, compute in jobs:
-            yield stage, export_stage(source, stage, compute, str(tmp), options.graph_cache, options.verbose)
+            yield stage, export_stage(source, stage, compute, str(tmp), options.graph_cache, options.verbose,
+                                      options.resolution)
         return
     import multiprocessing
 
@@ -236,7 +251,7 @@ def _exported_stages(source: ExportSource, jobs: list[tuple[str, str]], workers:
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init,
                              initargs=(options.verbose,)) as pool:
         futures = {pool.submit(export_stage, source, stage, compute, str(tmp), options.graph_cache,
-                               options.verbose): stage for stage, compute in jobs}
+                               options.verbose, options.resolution): stage for stage, compute in jobs}
         try:
             for future in as_completed(futures):
                 yield futures[future], future.result()
@@ -349,12 +364,12 @@ def export_onnx(source: ExportSource, out_dir: str | Path, options: ExportOption
     """Export ``source`` to ``out_dir``; returns the manifest (of the existing export if reused)."""
     out_dir = Path(out_dir)
     opened = source.open()  # strict checkpoint checks happen here, before any work
-    table = stage_table_for(opened.config)
+    table = options.table(opened.config)
     stages = _check_options(options, table.names)
     draft = ExportManifest(
         precision=options.precision, opset=OPSET,
         model={"tokens_length": table.model.tokens_length, "context_dim": table.model.context_dim,
-               "preset": source.preset, "resolution": [table.resolution.min, table.resolution.opt,
+               "preset": source.label, "resolution": [table.resolution.min, table.resolution.opt,
                                                        table.resolution.max]},
         source={**source.describe(), **opened.digest()}, tools=tool_versions(),
         options={"fp16_movq": options.fp16_movq, "softmax": "graph",
@@ -413,7 +428,7 @@ def export_onnx(source: ExportSource, out_dir: str | Path, options: ExportOption
         parity_ok = True
         if options.parity_shapes:
             ordered = [parities[stage] for stage in stages]
-            draft.parity = write_report(ordered, tmp, f"{source.preset} {options.precision}")
+            draft.parity = write_report(ordered, tmp, f"{source.label} {options.precision}")
             parity_ok = all(p.passed or p.skipped for p in ordered)
         draft.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         draft.write(tmp)
@@ -457,5 +472,5 @@ def _plan_line(source: ExportSource, options: ExportOptions, total: int, reusabl
         parts.append(f"{len(to_trace)} to trace (about a minute or more each for a U-Net on a CPU core)")
     how = f"{workers} worker processes" if workers > 1 and jobs > 1 else "in this process"
     checks = (f"parity at {','.join(options.parity_shapes)}" if options.parity_shapes else "no parity check")
-    return (f"{total} stage(s) of preset {source.preset!r}, {options.precision}: {'; '.join(parts) or 'nothing to do'}"
+    return (f"{total} stage(s) of {source.label!r}, {options.precision}: {'; '.join(parts) or 'nothing to do'}"
             f" ({how}; {checks})")

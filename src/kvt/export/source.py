@@ -1,5 +1,8 @@
 """Where an export's weights come from: a checkpoint directory, or a preset with seeded random weights.
 
+A checkpoint directory brings its own architecture (its configs.json and the key sets of its files);
+a preset named beside it is a check that the checkpoint is that architecture, nothing more.
+
 An :class:`ExportSource` is a small picklable description, sent to worker processes; ``open()`` turns
 it into an :class:`OpenedSource` that builds networks on the meta device and hands out one weight
 tensor at a time, so no process ever holds a whole network's weights.
@@ -31,19 +34,29 @@ from kvt.models.weight_files import CheckpointError
 RANDOM_RECIPE_VERSION = 2
 
 
+DEFAULT_PRESET = "tiny"  # the architecture of random weights when no preset is named
+
+
 @dataclass(frozen=True)
 class ExportSource:
-    preset: str
+    preset: str | None = None  # random weights: their architecture (default tiny); checkpoint: a check
     weights: str | None = None  # checkpoint directory; None = seeded random weights
     text_encoder: str | None = None
     seed: int = 0
+
+    @property
+    def label(self) -> str:
+        """How reports name the source: the preset, or the checkpoint directory's name."""
+        if self.weights is None or self.preset is not None:
+            return self.preset or DEFAULT_PRESET
+        return Path(self.weights).name
 
     def open(self) -> OpenedSource:
         return _open(self)
 
     def describe(self) -> dict[str, Any]:
         if self.weights is None:
-            return {"kind": "random", "preset": self.preset, "seed": self.seed,
+            return {"kind": "random", "preset": self.preset or DEFAULT_PRESET, "seed": self.seed,
                     "recipe": RANDOM_RECIPE_VERSION}
         return {"kind": "checkpoint", "preset": self.preset, "path": str(Path(self.weights).resolve()),
                 "text_encoder": None if self.text_encoder is None else str(Path(self.text_encoder).resolve())}
@@ -106,8 +119,8 @@ def config_differences(ours: KandinskyVideoConfig, preset: KandinskyVideoConfig)
 
 @lru_cache(maxsize=2)
 def _open(source: ExportSource) -> OpenedSource:
-    preset = get_preset(source.preset)
     if source.weights is None:
+        preset = get_preset(source.preset or DEFAULT_PRESET)
         from transformers import T5Config
 
         t5_config = T5Config(**preset.t5)
@@ -118,12 +131,16 @@ def _open(source: ExportSource) -> OpenedSource:
         return OpenedSource(source, preset.config, t5_config, tensors, t2v_null, interp_null,
                             TINY_TOKENIZER_DIR, [])
     ckpt = open_checkpoint_dir(source.weights, source.text_encoder)
-    differences = config_differences(ckpt.config, preset.config)
+    if source.preset is None:
+        differences = []
+    else:
+        preset = get_preset(source.preset)
+        differences = config_differences(ckpt.config, preset.config)
     if differences:
         raise CheckpointError(
             f"{source.weights}: the checkpoint is not the {preset.name!r} preset's architecture: "
             + "; ".join(differences[:5]) + (f" ({len(differences)} differences)" if len(differences) > 5 else "")
-            + ". Pass the matching --preset.")
+            + ". Pass the matching --preset, or none: the checkpoint's own configs.json decides.")
     tensors = {network: weights.__getitem__ for network, weights in ckpt.weights.items()}
     return OpenedSource(source, ckpt.config, ckpt.t5_config, tensors, ckpt.t2v_null_embedding,
                         ckpt.interpolation_null_embedding, ckpt.t5_dir, ckpt.files())

@@ -2,13 +2,14 @@
 
 The official release runs the U-Nets under CUDA autocast, which computes GroupNorm in float32, and the
 MoVQs in float32 outright. Low-precision statistics over large groups drift, so every GroupNorm of this
-package casts in, normalises in float32 and casts back: the one hidden upcast the modules allow.
+package casts in and normalises in float32; in the U-Nets the float32 result also carries the pointwise
+ops that follow it up to the next conv / linear (modulation, SiLU), as under the official autocast.
 
 On CUDA, PyTorch's GroupNorm kernel already accumulates mean and variance in float32 for half and
 bfloat16 inputs and normalises in float32 registers before rounding, so the explicit round trip only adds
 two full passes over the activations. :func:`native_group_norm` switches it off for CUDA half/bfloat16
-inputs (the fast path's choice, checked against the float32 path by a GPU test); everywhere else (CPU,
-export, float32 inputs) the round trip stays.
+inputs in ``forward`` (the fast path's choice, checked against the float32 path by a GPU test); the U-Nets'
+float32 islands (``fp32``) and everything else (CPU, export, float32 inputs) keep float32.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ class FP32GroupNorm(nn.GroupNorm):
             weight = None if self.weight is None else self.weight.to(x.dtype)
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.group_norm(x, self.num_groups, weight, bias, self.eps)
+        return self.fp32(x).to(x.dtype)
+
+    def fp32(self, x: Tensor) -> Tensor:
+        """The norm's float32 output, as autocast leaves it for the ops that follow (the official U-Nets
+        modulate it and apply SiLU in float32 by type promotion; only the next conv / linear casts)."""
         weight = None if self.weight is None else self.weight.to(torch.float32)
         bias = None if self.bias is None else self.bias.to(torch.float32)
-        return F.group_norm(x.to(torch.float32), self.num_groups, weight, bias, self.eps).to(x.dtype)
+        return F.group_norm(x.to(torch.float32), self.num_groups, weight, bias, self.eps)

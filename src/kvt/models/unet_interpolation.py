@@ -131,7 +131,7 @@ class InterpolationBlock(Block):
                                          if new_params and resample == "down" else None)
 
     def forward(self, x: Tensor, embed: Tensor, gating: GroupGating) -> Tensor:  # type: ignore[override]
-        x = self.activation(self.group_norm(x, embed))
+        x = self.group_norm(x, embed, self.activation)
         if self.up_sample is not None:
             x = self.up_sample(x)
         if self.temporal_post_upsample is not None:

@@ -4,8 +4,10 @@ Attribute names follow the official modules so that ``state_dict`` keys match th
 (``docs/spec/checkpoints.md``). Differences from the official code, all numerically neutral:
 
 * attention runs through ``F.scaled_dot_product_attention`` (boolean masks, scale ``head_dim ** -0.5``);
-* only the sinusoidal embeddings and the group norms are computed in float32 (what the official CUDA
-  autocast does), everything else runs in the weights' dtype, so a bf16/fp16 module needs no autocast;
+* the official CUDA autocast's float32 islands are explicit: the sinusoidal embeddings, and each group
+  norm together with the pointwise ops after it up to the next conv / linear (modulation, SiLU: float32
+  by type promotion officially); everything else runs in the weights' dtype, so a bf16/fp16 module needs
+  no autocast;
 * no Python loops over the batch or frames and no branching on tensor values (export-friendly);
 * no registered buffers, so a model built on the meta device loads with ``assign=True``;
 * text conditioning may come as the distinct contexts of a call plus a row mapping
@@ -73,7 +75,12 @@ class EmbedMLP(nn.Sequential):
 
 
 class ConditionalGroupNorm(nn.Module):
-    """GN(x) * (1 + scale) + shift, with (scale, shift) = Linear(SiLU(embed)) per sample."""
+    """GN(x) * (1 + scale) + shift, with (scale, shift) = Linear(SiLU(embed)) per sample.
+
+    Official autocast precision: the norm's output is float32, (scale, shift) come from a linear in the
+    weights' dtype, so the modulation, and an ``activation`` applied right after it, are float32; the
+    result is cast to x's dtype for the conv / linear that follows.
+    """
 
     def __init__(self, groups: int, channels: int, embed_dim: int) -> None:
         super().__init__()
@@ -83,14 +90,17 @@ class ConditionalGroupNorm(nn.Module):
         nn.init.zeros_(linear.weight)
         nn.init.zeros_(linear.bias)
 
-    def forward(self, x: Tensor, embed: Tensor) -> Tensor:
+    def forward(self, x: Tensor, embed: Tensor, activation: nn.Module | None = None) -> Tensor:
         params = self.context_mlp(embed)
         params = params[(...,) + (None,) * (x.dim() - 2)]
         # Slices rather than chunk(): chunk exports as a split into an ONNX sequence, which TensorRT
         # cannot parse; two slices are the same values.
         channels = params.shape[1] // 2
         scale, shift = params[:, :channels], params[:, channels:]
-        return self.norm(x) * (scale + 1.0) + shift
+        out = self.norm.fp32(x) * (scale + 1.0).to(torch.float32) + shift.to(torch.float32)
+        if activation is not None:
+            out = activation(out)
+        return out.to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -452,7 +462,7 @@ class Block(nn.Module):
                             if resample == "down" else None)
 
     def forward(self, x: Tensor, embed: Tensor) -> Tensor:
-        x = self.activation(self.group_norm(x, embed))
+        x = self.group_norm(x, embed, self.activation)
         if self.up_sample is not None:
             x = self.up_sample(x)
         x = self.projection(x)
@@ -505,7 +515,8 @@ class ResNetBlock(nn.Module):
 
 
 class OutLayer(nn.Sequential):
-    """GroupNorm (affine, fp32) -> SiLU -> Conv3x3 (keys ``out_layer.0`` / ``out_layer.2``)."""
+    """GroupNorm (affine) -> SiLU, both float32 as under autocast -> Conv3x3 (keys ``out_layer.0`` /
+    ``out_layer.2``)."""
 
     def __init__(self, groups: int, channels: int, out_channels: int) -> None:
         super().__init__(
@@ -513,6 +524,11 @@ class OutLayer(nn.Sequential):
             nn.SiLU(),
             nn.Conv2d(channels, out_channels, kernel_size=3, padding=1),
         )
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]  # same signature as Sequential's
+        norm, activation, conv = self
+        assert isinstance(norm, FP32GroupNorm)  # built in __init__
+        return conv(activation(norm.fp32(x)).to(x.dtype))
 
 
 # --------------------------------------------------------------------------------------------------

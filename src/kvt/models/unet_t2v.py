@@ -67,7 +67,7 @@ class TemporalConvStage(nn.Sequential):
     # A Sequential whose layers take the conditioning too: not Sequential.forward(input)'s signature.
     def forward(self, x: Tensor, video: VideoConditioning) -> Tensor:  # type: ignore[override]
         norm, activation, _ = self
-        return conv_over_time(self.conv, activation(norm(x, video.embed)), video.layout)
+        return conv_over_time(self.conv, norm(x, video.embed, activation), video.layout)
 
 
 class TemporalResNetBlock(nn.Module):

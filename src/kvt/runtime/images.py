@@ -7,6 +7,7 @@ to RGB and mapped back to [-1, 1]. A torch resize is not equivalent, so Pillow d
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any
@@ -46,20 +47,31 @@ def psnr_db(candidate: torch.Tensor, reference: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
 
 
-def key_frame_pixels(image: Image.Image, width: int, height: int) -> torch.Tensor:
-    """The MoVQ encoder input for ``image``: [1, 3, height, width] float32 in [-1, 1].
+def key_frame_image(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The official preprocessing of a conditioning image of any mode: the RGB width x height image the
+    MoVQ encoder sees (official ``encode_image``, t2v_pipeline.py; quirk 16).
 
-    Downscale (never up) so the smaller scale factor matches width x height, centre-crop to exactly
-    width x height (an image smaller than that is padded with black by the crop), convert to RGB.
+    In the image's own mode: downscale (never up) by max(1, min(w / width, h / height)) to the rounded
+    size with Pillow's default filter (bicubic; Pillow resizes RGBA / LA with premultiplied alpha, so
+    colour under transparent pixels does not bleed in, and palette / bilevel images with nearest),
+    centre-crop to exactly width x height (Pillow rounds the float box; where the image is smaller the
+    crop pads with zeros of its mode), and only then convert to RGB (zeros become black, white for
+    CMYK, palette entry 0 for palette images). Converting to RGB first gives other pixels for RGBA, LA,
+    P and CMYK images, so a server must receive the image in its own mode, losslessly, and call this.
     """
     image = image.resize(resized_size(image.size, width, height))
     old_width, old_height = image.size
     box = ((old_width - width) / 2, (old_height - height) / 2,
            (old_width + width) / 2, (old_height + height) / 2)
     image = image.crop(box)
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    array = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def key_frame_pixels(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """The MoVQ encoder input for ``image`` (any mode): [1, 3, height, width] float32 in [-1, 1], from
+    :func:`key_frame_image` (ToTensor, then 2x - 1, as the official ``image_transform``)."""
+    rgb = key_frame_image(image, width, height)
+    array = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
     return (2.0 * array.to(torch.float32).div(255) - 1.0).unsqueeze(0)
 
 
@@ -87,20 +99,43 @@ def describe_key_frame_fit(size: tuple[int, int], width: int, height: int) -> st
     return f"input image {w}x{h} " + " and ".join(steps)
 
 
-def load_image(source: str | Path | Image.Image) -> Image.Image:
-    """A fully decoded PIL image from a path or an image; unreadable files raise ImageInputError."""
+def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
+    """A fully decoded PIL image, in the mode the file stores, from a path, the bytes of an image file
+    (e.g. a PNG a client sent losslessly) or an image; unreadable data raises ImageInputError."""
     if isinstance(source, Image.Image):
         return source
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _decode(io.BytesIO(bytes(source)), f"image data ({len(source)} bytes)")
     path = Path(source)
     if not path.is_file():
         raise ImageInputError(f"image {str(path)!r} does not exist or is not a file")
+    return _decode(path, f"image {str(path)!r}")
+
+
+# Modes PNG stores losslessly (Pillow writes "I" as 16 bits, so it goes to TIFF with CMYK, YCbCr and F).
+_PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16")
+
+
+def lossless_image_bytes(image: Image.Image) -> bytes:
+    """``image`` as the bytes of an image file that :func:`load_image` decodes to the same mode, size,
+    pixels and palette: PNG where PNG holds the mode, TIFF otherwise (CMYK, YCbCr, I, F). A client sends
+    these so that the server does the official preprocessing in the image's own mode."""
+    buffer = io.BytesIO()
+    if image.mode in _PNG_MODES:
+        image.save(buffer, format="PNG")
+    else:
+        image.save(buffer, format="TIFF")
+    return buffer.getvalue()
+
+
+def _decode(source: Path | io.BytesIO, what: str) -> Image.Image:
     try:
-        with Image.open(path, formats=IMAGE_FORMATS) as opened:
-            _check_pixels(opened.size, f"image {str(path)!r}")  # from the header, before decoding
+        with Image.open(source, formats=IMAGE_FORMATS) as opened:
+            _check_pixels(opened.size, what)  # from the header, before decoding
             opened.load()
             return opened.copy()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageInputError(f"image {str(path)!r} cannot be read as an image of the formats "
+        raise ImageInputError(f"{what} cannot be read as an image of the formats "
                               f"{list(IMAGE_FORMATS)} ({exc})") from None
 
 

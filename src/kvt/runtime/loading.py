@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from kvt.contract.errors import UserError
-from kvt.contract.stages import StageTable
+from kvt.contract.stages import StageTable, any_size_range
 from kvt.formats.engine_dir import EngineManifest, EngineManifestError, stage_table_of
 from kvt.formats.export_dir import ExportManifest, ExportManifestError
 from kvt.models.checkpoints import check_checkpoint_dir, load_checkpoint_dir
@@ -109,12 +109,14 @@ class PipelineSource:
         return config
 
     def stage_table(self) -> StageTable:
-        """The stage table the source serves (its frame-size range), from its files or preset only."""
-        if self.kind == "onnx":
-            return ExportManifest.read(self._path()).stage_table()
+        """The stage table the source serves (its frame-size range), from its files or preset only: the
+        built range of engines; every size within the memory-based limit on torch and ONNX Runtime
+        (``StageBackend.any_frame_size``)."""
         if self.kind == "engines":
             return stage_table_of(EngineManifest.read(self._path()), self._path())
-        return stage_table_for(self._config())
+        table = (ExportManifest.read(self._path()).stage_table() if self.kind == "onnx"
+                 else stage_table_for(self._config()))
+        return table.with_resolution(any_size_range(table.resolution.opt))
 
     def default_size(self) -> tuple[int, int]:
         """(width, height) of a request that gives none: a preset's own, else the range's opt."""

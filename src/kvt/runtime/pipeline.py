@@ -36,7 +36,13 @@ from PIL import Image
 from kvt.contract.errors import CancelledError, TimedOutError
 from kvt.contract.plan import request_total_steps
 from kvt.contract.profiles import coverage, unserved_calls
-from kvt.contract.request import GenerationRequest, InvalidRequestError, _short, validate_request
+from kvt.contract.request import (
+    GenerationRequest,
+    InvalidRequestError,
+    _short,
+    request_warnings,
+    validate_request,
+)
 from kvt.contract.stages import (
     INTERPOLATION_PASSES,
     LATENT_CHANNELS,
@@ -113,7 +119,8 @@ class VideoOutput:
     (fps 'low'), 45 ('medium') or 177 ('high'); frames 0, 4, 8, ... are the 12 base frames at medium fps
     (every 16th at high fps); the rest are interpolated. ``latents`` [T, 4, H/8, W/8] are the decoder
     inputs. ``key_frame`` is the image the video is conditioned on: the user's image, or the generated
-    key frame at 2H x 2W.
+    key frame at 2H x 2W. ``warnings`` are the notices of :func:`kvt.contract.request.request_warnings`
+    (inputs served as the official pipeline serves them but probably not meant) and of prompt truncation.
     """
 
     frames: npt.NDArray[np.uint8]
@@ -123,6 +130,7 @@ class VideoOutput:
     prompt_tokens: int
     prompt_truncated: bool
     timings: dict[str, float] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
 
     @property
     def num_frames(self) -> int:
@@ -262,8 +270,9 @@ class KandinskyVideoPipeline:
     def __call__(
         self,
         prompt: str,
-        image: Image.Image | str | Path | None = None,
+        image: Image.Image | str | Path | bytes | None = None,
         *,
+        negative_prompt: str | None = None,
         width: int | None = None,
         height: int | None = None,
         fps: str = GenerationRequest.fps,
@@ -282,23 +291,27 @@ class KandinskyVideoPipeline:
         noise: NoiseSource | None = None,
         timeout_s: float | None = None,
     ) -> VideoOutput:
-        """Generate a video. Defaults are the official ones (``motion='medium'`` is what the official
-        default 'normal' falls back to). ``image`` turns it into image-to-video. ``noise`` replaces the
-        seeded noise (e.g. to replay recorded noise); ``callback`` returning False cancels;
-        ``timeout_s`` stops the request at the first step boundary past the limit."""
+        """Generate a video. Defaults and accepted values are the official ones (``motion='normal'``,
+        the official default, is 'medium'; ``negative_prompt`` is accepted and has no effect; an image
+        smaller than the frame is padded with black; an empty prompt is EOS only: each with a warning,
+        see :func:`kvt.contract.request.request_warnings`). ``image`` turns it into image-to-video.
+        ``noise`` replaces the seeded noise (e.g. to replay recorded noise); ``callback`` returning False
+        cancels; ``timeout_s`` stops the request at the first step boundary past the limit."""
         if isinstance(image, (np.ndarray, torch.Tensor)):
             try:
                 image = image_from_array(image)
             except ValueError as exc:
                 raise InvalidRequestError("image", "<array>", str(exc)) from None
         elif image is not None and not isinstance(image, Image.Image):
-            if not isinstance(image, (str, Path)):
+            if not isinstance(image, (str, Path, bytes)):
                 raise InvalidRequestError("image", type(image).__name__,
-                                          "a PIL image, a uint8 array [H, W, 3] or a path to an image file")
+                                          "a PIL image, a uint8 array [H, W, 3], the bytes of an image file "
+                                          "or a path to one")
             try:
                 image = load_image(image)
             except ValueError as exc:
-                raise InvalidRequestError("image", str(image)[:200], f"a readable image file ({exc})") from None
+                shown = f"<{len(image)} bytes>" if isinstance(image, bytes) else str(image)[:200]
+                raise InvalidRequestError("image", shown, f"a readable image file ({exc})") from None
         request = GenerationRequest(
             prompt=prompt, image=image, width=self.default_width if width is None else width,
             height=self.default_height if height is None else height, fps=fps, motion=motion,
@@ -307,6 +320,7 @@ class KandinskyVideoPipeline:
             interpolation_guidance_scale=interpolation_guidance_scale,
             noise_augmentation=noise_augmentation, seed=seed, key_frame_steps=key_frame_steps,
             base_frame_steps=base_frame_steps, interpolation_steps=interpolation_steps,
+            negative_prompt=negative_prompt,
         )
         return self.generate(request, progress=progress, callback=callback, noise=noise, timeout_s=timeout_s)
 
@@ -314,8 +328,11 @@ class KandinskyVideoPipeline:
     def generate(self, request: GenerationRequest, progress: bool = True,
                  callback: StepCallback | None = None, noise: NoiseSource | None = None,
                  timeout_s: float | None = None) -> VideoOutput:
-        validate_request(request, self.table.resolution)
+        request = validate_request(request, self.table.resolution)
         self.check_served(request)
+        notices = list(request_warnings(request))
+        for message in notices:
+            warnings.warn(message, stacklevel=3)
         if timeout_s is not None:
             if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
                 raise InvalidRequestError("timeout_s", _short(timeout_s), "a positive number of seconds")
@@ -357,9 +374,11 @@ class KandinskyVideoPipeline:
         finally:
             bar.close()
         timings["total"] = sum(timings.values())
+        if text.tokens.truncated:
+            notices.append(truncation_notice(text.tokens))
         return VideoOutput(frames=frames, latents=latents.cpu(), key_frame=key_frame, request=request,
                            prompt_tokens=text.tokens.n_tokens, prompt_truncated=text.tokens.truncated,
-                           timings=timings)
+                           timings=timings, warnings=tuple(notices))
 
     def check_served(self, request: GenerationRequest) -> None:
         """Refuse, before any stage runs, a request whose stage calls no profile of the backend fits
@@ -384,9 +403,7 @@ class KandinskyVideoPipeline:
         """Tokenize (static length S, official truncation) and run the text encoder once."""
         tokens = self.tokenizer(prompt)
         if tokens.truncated:
-            message = (f"prompt has {tokens.n_tokens_requested} tokens (with EOS); the model reads "
-                       f"{tokens.tokens_length}: it was truncated to the first {tokens.tokens_length - 1} "
-                       "pieces + EOS, as the official pipeline does")
+            message = truncation_notice(tokens)
             warnings.warn(message, PromptTruncatedWarning, stacklevel=3)
         ids = tokens.input_ids.to(self.device, torch.int32)
         mask = tokens.attention_mask.to(self.device, torch.int32)
@@ -561,6 +578,12 @@ class KandinskyVideoPipeline:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         timings[name] = time.perf_counter() - start
+
+
+def truncation_notice(tokens: TokenizedPrompt) -> str:
+    return (f"prompt has {tokens.n_tokens_requested} tokens (with EOS); the model reads "
+            f"{tokens.tokens_length}: it was truncated to the first {tokens.tokens_length - 1} "
+            "pieces + EOS, as the official pipeline does")
 
 
 def _with_deadline(callback: StepCallback | None, deadline: float, limit_s: float,

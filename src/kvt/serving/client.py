@@ -2,7 +2,8 @@
 
 HTTP or gRPC (tritonclient). With a progress callback over gRPC, the decoupled
 ``kandinsky_video_stream`` model is used and the callback sees every sampler step; otherwise one request
-to ``kandinsky_video`` returns the frames. The image of image-to-video is sent as decoded RGB pixels.
+to ``kandinsky_video`` returns the frames. The image of image-to-video is sent in its own
+mode, losslessly (PNG or TIFF bytes), and preprocessed by the server as the official code does.
 """
 
 from __future__ import annotations

@@ -4,8 +4,11 @@ One table of request inputs, shared by the config generator (config.pbtxt ``inpu
 (arrays -> :class:`GenerationRequest`) and the client (request -> arrays), so the three cannot drift.
 Guidance scales travel as FP64 so that a server run equals an in-process run of the same Python
 floats. Every input but PROMPT is optional: an omitted knob takes the server's default (the official one, and
-the export's opt size for WIDTH / HEIGHT). The image travels as decoded RGB pixels, never as a path:
-the server reads no file a client names.
+the export's opt size for WIDTH / HEIGHT). The image travels in its own mode, losslessly, as the bytes of
+an image file (IMAGE_FILE: PNG, or TIFF for modes PNG cannot hold), never as a path: the server reads no
+file a client names, and does the official preprocessing (resize in the image's mode, crop, then RGB), so
+RGBA, LA, palette and CMYK images give the frames of an in-process run. Raw RGB pixels (IMAGE) are
+accepted too.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 
 from kvt.contract.dtypes import DType
 from kvt.contract.request import GenerationRequest, InvalidRequestError
+from kvt.runtime.images import ImageInputError, load_image, lossless_image_bytes
 
 
 @dataclass(frozen=True)
@@ -60,8 +64,11 @@ SCALAR_FIELDS: tuple[Field, ...] = (
     _scalar("KEY_FRAME_STEPS", "key_frame_steps", DType.INT32),
     _scalar("BASE_FRAME_STEPS", "base_frame_steps", DType.INT32),
     _scalar("INTERPOLATION_STEPS", "interpolation_steps", DType.INT32),
+    _scalar("NEGATIVE_PROMPT", "negative_prompt", DType.STRING),  # accepted and ignored, as officially
 )
-IMAGE = "IMAGE"  # uint8 RGB [H, W, 3], optional: image-to-video
+IMAGE = "IMAGE"  # uint8 RGB [H, W, 3], optional: image-to-video from raw RGB pixels
+IMAGE_FILE = "IMAGE_FILE"  # BYTES [1], optional: image-to-video from an image file of any mode
+IMAGE_INPUTS = (IMAGE, IMAGE_FILE)
 
 # Outputs: (name, config data_type, dims).
 RESULT_OUTPUTS = (
@@ -97,8 +104,8 @@ def request_to_arrays(request: GenerationRequest) -> dict[str, np.ndarray]:
             arrays[field.name] = np.array([str(value).encode("utf-8")], dtype=np.object_)
         else:
             arrays[field.name] = np.array([value], dtype=field.numpy)
-    if request.image is not None:
-        arrays[IMAGE] = np.ascontiguousarray(np.asarray(request.image.convert("RGB"), dtype=np.uint8))
+    if request.image is not None:  # in its own mode: converting to RGB first changes the frames
+        arrays[IMAGE_FILE] = np.array([lossless_image_bytes(request.image)], dtype=np.object_)
     return arrays
 
 
@@ -138,6 +145,16 @@ def arrays_to_request(arrays: Mapping[str, np.ndarray], default_size: tuple[int,
         else:
             value = int(value)
         values[field.attribute] = value
+    if IMAGE in arrays and IMAGE_FILE in arrays:
+        raise InvalidRequestError(IMAGE, "sent with IMAGE_FILE", "one image: IMAGE or IMAGE_FILE")
+    if IMAGE_FILE in arrays:
+        data = _one(IMAGE_FILE, arrays[IMAGE_FILE])
+        if not isinstance(data, (bytes, bytearray)):
+            raise InvalidRequestError(IMAGE_FILE, type(data).__name__, "the bytes of an image file (BYTES [1])")
+        try:
+            values["image"] = load_image(bytes(data))  # size checked from the header, before decoding
+        except ImageInputError as exc:
+            raise InvalidRequestError(IMAGE_FILE, f"{len(data)} bytes", str(exc)) from None
     if IMAGE in arrays:
         pixels = arrays[IMAGE]
         if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:

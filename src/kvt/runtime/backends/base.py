@@ -14,15 +14,24 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 
 from kvt.contract.profiles import ServedProfiles
-from kvt.contract.stages import StageTable
+from kvt.contract.stages import StageTable, any_size_range
 
 
 class StageBackend(ABC):
-    """Runs stages of ``table``. Inputs and outputs are torch tensors on ``device``."""
+    """Runs stages of ``table``. Inputs and outputs are torch tensors on ``device``.
+
+    A backend with ``any_frame_size`` (torch, ONNX Runtime: no built shape ranges) serves every frame
+    size the official code runs, within the memory-based limit (:func:`any_size_range`): its table keeps
+    the given table's model dims and opt size with that range. The others (TensorRT, Triton) serve the
+    range their artifacts were built for.
+    """
 
     name: str = "abstract"
+    any_frame_size: bool = False
 
     def __init__(self, table: StageTable, device: torch.device | str = "cpu", validate: bool = True) -> None:
+        if self.any_frame_size:
+            table = table.with_resolution(any_size_range(table.resolution.opt))
         self.table = table
         self.device = torch.device(device)
         self.validate = validate

@@ -143,6 +143,7 @@ class OnnxRuntimeBackend(StageBackend):
     """Runs the stages of an export directory with ONNX Runtime sessions (one per stage)."""
 
     name = "onnxruntime"
+    any_frame_size = True
 
     def __init__(
         self,

@@ -14,6 +14,7 @@ from kvt.runtime.backends.base import StageBackend
 
 class TorchBackend(StageBackend):
     name = "torch"
+    any_frame_size = True
 
     def __init__(self, models: KandinskyVideoModels, table: StageTable | None = None,
                  validate: bool = True, cuts: bool = True) -> None:

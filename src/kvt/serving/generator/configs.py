@@ -287,6 +287,8 @@ def orchestrator_config(name: str, options: RepositoryOptions, stream: bool,
                          ("optional", f.name != protocol.PROMPT)]) for f in protocol.SCALAR_FIELDS]
     inputs.append(("input", [("name", protocol.IMAGE), ("data_type", Enum(DType.UINT8.triton)),
                              ("dims", [-1, -1, 3]), ("optional", True)]))
+    inputs.append(("input", [("name", protocol.IMAGE_FILE), ("data_type", Enum(DType.STRING.triton)),
+                             ("dims", [1]), ("optional", True)]))
     outputs = protocol.RESULT_OUTPUTS + (protocol.PROGRESS_OUTPUTS if stream else ())
     config: list[tuple[str, Any]] = [
         ("name", name), ("backend", "python"), ("max_batch_size", 0), *inputs,

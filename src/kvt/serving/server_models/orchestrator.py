@@ -32,7 +32,7 @@ from kvt.contract.stages import StageTable
 from kvt.formats.triton_repo import PIPELINE_FILE, verify_model_record
 from kvt.models.text_encoder import PromptTokenizer
 from kvt.runtime.pipeline import KandinskyVideoPipeline, StepInfo, VideoOutput
-from kvt.serving.protocol import IMAGE, SCALAR_FIELDS, arrays_to_request
+from kvt.serving.protocol import IMAGE_INPUTS, SCALAR_FIELDS, arrays_to_request
 from kvt.serving.server_models.metrics import OrchestratorMetrics
 from kvt.serving.server_models.stage_backend import StageModelNotReady, TritonStageBackend
 
@@ -89,7 +89,7 @@ class TritonPythonModel:
 
     def _parse(self, request: Any) -> GenerationRequest:
         arrays = {}
-        for name in [f.name for f in SCALAR_FIELDS] + [IMAGE]:
+        for name in [f.name for f in SCALAR_FIELDS] + list(IMAGE_INPUTS):
             tensor = self.pb.get_input_tensor_by_name(request, name)
             if tensor is not None:
                 arrays[name] = tensor.as_numpy()
