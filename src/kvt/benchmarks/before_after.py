@@ -2,7 +2,8 @@
 
 Each run is a fresh child process that imports ``kvt`` from one checkout's ``src`` and runs the fast
 torch pipeline (random weights of a preset, one prompt, official steps) after a short warm-up request;
-runs alternate before / after so that load changes on a shared machine hit both alike. The child code
+runs alternate before / after so that load changes on a shared machine hit both alike, and each run
+also records its process CPU time (with one thread, little affected by other processes on the cores). The child code
 uses only the API both sides have (``random_models``, ``build_fast_pipeline``, the pipeline call), so a
 checkout from before a change runs it unchanged. The outputs of the last runs are compared.
 
@@ -37,12 +38,12 @@ from kvt.runtime.fast_path import build_fast_pipeline
 pipe = build_fast_pipeline(random_models(get_preset(preset), seed=0))
 prompt = "a red fox in the snow"
 pipe(prompt, fps=fps, seed=seed, progress=False, key_frame_steps=2, base_frame_steps=2, interpolation_steps=2)
-start = time.perf_counter()
+start, cpu_start = time.perf_counter(), time.process_time()
 video = pipe(prompt, fps=fps, seed=seed, progress=False)
-wall = time.perf_counter() - start
+wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
 np.save(out + ".latents.npy", video.latents.numpy())
 np.save(out + ".frames.npy", video.frames)
-json.dump({"wall_s": wall, "timings": video.timings, "kvt": __import__("kvt").__file__}, open(out + ".json", "w"))
+json.dump({"wall_s": wall, "cpu_s": cpu, "timings": video.timings, "kvt": __import__("kvt").__file__}, open(out + ".json", "w"))
 """
 
 
@@ -65,6 +66,10 @@ def compare(before_src: Path, after_src: Path, preset: str = "small", fps: str =
         frames = {side: np.load(Path(tmp) / f"{side}{runs - 1}.frames.npy") for side in results}
     walls = {side: [r["wall_s"] for r in rs] for side, rs in results.items()}
     median = {side: statistics.median(w) for side, w in walls.items()}
+    # Process CPU time of the timed request: with one thread it is far less sensitive than the wall time
+    # to other processes sharing the cores.
+    cpu = {side: [r["cpu_s"] for r in rs] for side, rs in results.items()}
+    cpu_median = {side: statistics.median(c) for side, c in cpu.items()}
     phases = {side: {k: statistics.median(r["timings"][k] for r in rs) for k in rs[0]["timings"]}
               for side, rs in results.items()}
     diff = np.abs(latents["after"].astype(np.float64) - latents["before"].astype(np.float64))
@@ -72,6 +77,7 @@ def compare(before_src: Path, after_src: Path, preset: str = "small", fps: str =
     return {"preset": preset, "fps": fps, "threads": threads, "seed": seed, "runs": runs,
             "sources": {"before": str(before_src), "after": str(after_src)},
             "wall_s": walls, "median_s": median, "speedup": median["before"] / median["after"],
+            "cpu_s": cpu, "cpu_median_s": cpu_median, "cpu_speedup": cpu_median["before"] / cpu_median["after"],
             "phases_median_s": phases,
             "latents_max_abs": float(diff.max()), "latents_scale": float(np.abs(latents["before"]).max()),
             "frames_max_abs": int(frame_diff.max()), "frames_equal_fraction": float((frame_diff == 0).mean())}
