@@ -60,16 +60,19 @@ class GroupGating:
             return x, None, self
         if self.layout.frames is not None:
             rows = self.active_clips * self.layout.frames
-            layout = self.layout
-        else:
-            assert self.layout.clips is not None  # ClipLayout: exactly one of frames / clips
-            rows = self.active_clips * (x.shape[0] // self.layout.clips)
-            layout = ClipLayout(clips=self.active_clips)
-        return x[:rows], x[rows:], GroupGating(layout, self.mask[:rows])
+            return x[:rows], x[rows:], GroupGating(self.layout, self.mask[:rows])
+        assert self.layout.clips is not None  # ClipLayout: exactly one of frames / clips
+        # Slices of (clips, rows per clip, ...) with constant bounds: an exported graph's shape arithmetic
+        # stays one division of the batch (fast to trace).
+        clips, mask = x.unflatten(0, (self.layout.clips, -1)), self.mask.unflatten(0, (self.layout.clips, -1))
+        n = self.active_clips
+        return (clips[:n].flatten(0, 1), clips[n:].flatten(0, 1),
+                GroupGating(ClipLayout(clips=n), mask[:n].flatten(0, 1)))
 
     @staticmethod
-    def join(active: Tensor, rest: Tensor | None) -> Tensor:
-        return active if rest is None else torch.cat([active, rest])
+    def join(active: Tensor, rest: Tensor | None, like: Tensor) -> Tensor:
+        """The rows of :meth:`active` back in ``like``'s shape."""
+        return active if rest is None else torch.cat([active, rest]).view_as(like)
 
 
 class TemporalConv3D(nn.Module):
@@ -84,9 +87,10 @@ class TemporalConv3D(nn.Module):
         nn.init.zeros_(self.temporal_projection.bias)
 
     def forward(self, x: Tensor, gating: GroupGating) -> Tensor:
+        whole = x
         x, rest, gating = gating.active(x)
         out = conv_over_time(self.temporal_projection, x, gating.layout)
-        return gating.join(gating.blend(x, out, self.temporal_merge), rest)
+        return gating.join(gating.blend(x, out, self.temporal_merge), rest, whole)
 
 
 class TemporalAttentionBlock(nn.Module):
@@ -104,13 +108,13 @@ class TemporalAttentionBlock(nn.Module):
 
     def forward(self, x: Tensor, embed: Tensor, gating: GroupGating) -> Tensor:
         height, width = x.shape[-2:]
+        whole, embed = x, gating.active(embed)[0]
         x, rest, gating = gating.active(x)
-        embed = embed[:x.shape[0]]
         seq = frames_to_sequences(self.in_norm(x, embed), gating.layout)
         out = sequences_to_frames(self.attention(seq, seq), height, width)
         x = gating.blend(x, out, self.temporal_merge1)
         out = self.feed_forward(self.out_norm(x, embed))
-        return gating.join(gating.blend(x, out, self.temporal_merge2), rest)
+        return gating.join(gating.blend(x, out, self.temporal_merge2), rest, whole)
 
 
 class InterpolationBlock(Block):

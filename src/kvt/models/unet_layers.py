@@ -192,6 +192,17 @@ class ContextRows:
                 first = b
         return out
 
+    def block_runs(self) -> list[tuple[int, int, int]]:
+        """(first block, block after the last, context) of each run of consecutive blocks reading the
+        same context."""
+        out: list[tuple[int, int, int]] = []
+        first = 0
+        for b in range(1, len(self.blocks) + 1):
+            if b == len(self.blocks) or self.blocks[b] != self.blocks[first]:
+                out.append((first, b, self.blocks[first]))
+                first = b
+        return out
+
     def per_row(self, values: Tensor, rows: int) -> Tensor:
         """[K, ...] per context -> [rows, ...] per row (a broadcast, not a copy per context)."""
         parts = [values[k:k + 1].expand(stop - start, *values.shape[1:]) for start, stop, k in self.runs(rows)]
@@ -356,18 +367,22 @@ class AttentionBlock(_TextHolder):
     def _cross_by_context(self, x: Tensor, embed: Tensor, text: TextContext) -> Tensor:
         assert text.rows is not None
         work = self._text_values(text)
+        # Rows as (blocks, rows per block, ...): a run of blocks is a slice of constant bounds, so an
+        # exported graph's shape arithmetic stays one division of the batch (fast to trace).
+        count = len(text.rows.blocks)
+        xb, eb = x.unflatten(0, (count, -1)), embed.unflatten(0, (count, -1))
         parts = []
-        for start, stop, k in text.rows.runs(x.shape[0]):
-            rows = x[start:stop]
+        for first, last, k in text.rows.block_runs():
+            rows = xb[first:last].flatten(0, 1)
             if k in text.rows.constant:
                 parts.append(rows + work[f"constant{k}"][:, :, None, None])
                 continue
-            tokens = self._tokens(rows, embed[start:stop])
+            tokens = self._tokens(rows, eb[first:last].flatten(0, 1))
             # All rows of the run attend to the same keys: one sequence of (rows x H*W) queries.
             out = self.attention.attend(tokens.reshape(1, -1, tokens.shape[-1]), work[f"key{k}"],
                                         work[f"value{k}"], text.mask[k:k + 1])
             parts.append(rows + self._to_image(out.reshape(tokens.shape), rows))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).view_as(x)
 
     def text_work(self, text: TextContext) -> dict[str, Tensor]:
         """Keys/values of the attended contexts; the constant of each one-key context."""
