@@ -143,6 +143,8 @@ def _generate_on_triton(args: argparse.Namespace, out: Path) -> int:
     """Ask the server what it serves (default size, size range, fps modes), validate against that,
     send."""
     image = load_image(args.image) if args.image else None
+    # Everything but the size (which the server decides) is checked before any connection.
+    validate_request(_request_from_args(args, image, 64, 64), ResolutionRange(64, 64, 64))
     with TritonVideoClient(args.triton, args.protocol) as client:
         client.require_ready()
         info = client.server_info()
