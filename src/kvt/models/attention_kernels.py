@@ -79,8 +79,11 @@ def _measurable(q: Tensor) -> bool:
     return not isinstance(q, torch._subclasses.FakeTensor)
 
 
-def _seconds(fn: Callable[[], Tensor], device: torch.device, iterations: int = 3) -> float:
-    fn()  # warm-up: kernel selection, allocations
+def seconds_per_call(fn: Callable[[], object], device: torch.device, iterations: int = 3, warmup: int = 1) -> float:
+    """Mean wall seconds of ``fn()`` after ``warmup`` calls (synchronising a GPU around the timed calls):
+    how the kernel and layout choices are measured."""
+    for _ in range(warmup):
+        fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -95,7 +98,7 @@ def _choose(q: Tensor, k: Tensor, v: Tensor) -> str:
     key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device.type)
     entry = _choices.get(key)
     if entry is None:
-        timings = {name: _seconds(functools.partial(fn, q, k, v), q.device) for name, fn in _FUNCTIONS.items()}
+        timings = {name: seconds_per_call(functools.partial(fn, q, k, v), q.device) for name, fn in _FUNCTIONS.items()}
         entry = _choices[key] = {"q": list(q.shape), "k": list(k.shape), "dtype": str(q.dtype),
                                  "device": q.device.type, "ms": {n: 1e3 * s for n, s in timings.items()},
                                  "chosen": min(timings, key=lambda name: timings[name])}

@@ -28,7 +28,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -37,7 +36,7 @@ import torch
 from torch import nn
 
 from kvt.contract.stages import StageTable
-from kvt.models.attention_kernels import KERNELS, movq_attention_kernel
+from kvt.models.attention_kernels import KERNELS, movq_attention_kernel, seconds_per_call
 from kvt.models.model_set import KandinskyVideoModels, Precision
 from kvt.models.norms import native_group_norm
 from kvt.models.registry import networks_of_family
@@ -179,20 +178,6 @@ def cudnn_benchmark(enabled: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.benchmark = previous
-
-
-def seconds_per_call(fn: Callable[[], object], device: torch.device, iterations: int = 3, warmup: int = 1) -> float:
-    """Mean wall seconds of ``fn()`` after ``warmup`` calls (synchronising a GPU around the timed calls)."""
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iterations):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / iterations
 
 
 class CudaGraphCall:
