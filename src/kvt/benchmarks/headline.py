@@ -515,7 +515,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda", help="cuda[:N] (default) or cpu")
     p.add_argument("--width", type=int, help="frame width (default: 512 for full, else the preset's)")
     p.add_argument("--height", type=int, help="frame height (default: 512 for full, else the preset's)")
-    p.add_argument("--fps", default="medium", choices=tuple(FPS_FRAMES))
+    p.add_argument("--fps", default="medium", choices=tuple(FPS_FRAMES), help="fps mode of the end-to-end requests (default medium)")
     p.add_argument("--steps", default="50,50,10", help="key-frame, base-frame, interpolation steps")
     p.add_argument("--iterations", type=int, default=5, help="timed calls per stage measurement")
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {', '.join(PHASES)}")

@@ -217,10 +217,7 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # each one is said once, below, not in the bar
         output = pipeline.generate(request, progress=not args.no_progress)
-    if output.prompt_truncated:
-        say("", f"prompt truncated to its first {output.prompt_tokens} tokens (with EOS): the model reads "
-                f"{pipeline.table.model.tokens_length}, as the official pipeline does")
-    for message in output.warnings:
+    for message in output.warnings:  # the truncation notice among them
         say("", f"warning: {message}")
     say("", f"encoding {output.num_frames} frames into {out.name}")  # seconds at fps high: not silent
     path = output.save(out, args.playback_fps)
