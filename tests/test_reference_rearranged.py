@@ -64,6 +64,7 @@ def test_the_copy_is_another_arrangement_of_the_same_networks(rearranged: Path) 
         assert all(ours[k].equal(theirs[k]) for k in ours), name
 
 
+@pytest.mark.slow  # the whole parity suite again, with a fresh export: ~40 min on 2 cores (`pytest -m slow`)
 def test_parity_suite_passes_on_the_rearranged_copy(rearranged: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "KVT_TEST_EXPORT_CACHE"}  # a fresh export
     env["KVT_REFERENCE_DIR"] = str(rearranged)
