@@ -229,16 +229,19 @@ def test_bad_request_gets_a_clear_error_and_the_server_keeps_serving(triton_serv
 def test_generate_via_triton_writes_the_video(triton_server, tmp_path):
     import imageio.v3 as iio
 
-    from kvt.serving.client import generate_via_triton
+    from kvt.serving.client import TritonVideoClient, generate_via_triton
 
     messages: list[str] = []  # what `kvt generate --triton` prints to stderr
-    out = generate_via_triton(triton_server.grpc_url, "grpc", _request(seed=3), tmp_path / "fox.gif", progress=True,
-                              report=lambda message, end="\n": messages.append(message))
+    with TritonVideoClient(triton_server.grpc_url, "grpc") as client:
+        out = generate_via_triton(client, _request(seed=3), tmp_path / "fox.gif", progress=True,
+                                  report=lambda message, end="\n": messages.append(message))
     assert out == tmp_path / "fox.gif" and iio.imread(out, index=None).shape[0] == 12
     err = "\n".join(messages)
     assert "base_frames step 3/3" in err and "seed 3" in err
-    with pytest.raises(TritonRequestError, match="no ready Triton server"):
-        generate_via_triton("127.0.0.1:9", "http", _request(), tmp_path / "x.gif", progress=False)
+    with pytest.raises(TritonRequestError, match="no ready Triton server"), \
+            TritonVideoClient("127.0.0.1:9", "http") as client:
+        client.require_ready()
+        generate_via_triton(client, _request(), tmp_path / "x.gif", progress=False)
     assert not (tmp_path / "x.gif").exists()
 
 
@@ -255,7 +258,7 @@ def test_kvt_generate_on_triton(triton_server, pipeline, tmp_path, capsys):
     assert "base_frames step 3/3" in capsys.readouterr().err
     assert iio.imread(out, index=None).shape[:3] == (12, 64, 64)
     bad = tmp_path / "bad.mp4"
-    assert main(["generate", "a cat", "--out", str(bad), "--triton", triton_server.http_url, "--width", "512",
+    assert main(["generate", "a cat", "--out", str(bad), "--triton", f"http://{triton_server.http_url}", "--width", "512",
                  "--no-progress"]) == EXIT_INVALID
     assert "width=512 is not allowed" in capsys.readouterr().err
     assert not bad.exists()
@@ -358,7 +361,7 @@ def test_onnxruntime_repository(tmp_path, tiny_export_fp32):
     assert group.count == 2 and list(group.gpus) == [0, 1] and group.kind == group.KIND_GPU
     assert list(_parse(repo / "video_movq_decoder" / "config.pbtxt").instance_group[0].gpus) == [2]
     warmup = video.model_warmup[0]  # not batched: the whole call's shapes, the contexts once
-    assert warmup.batch_size == 0 and list(warmup.inputs["sample"].dims) == [36, 9, 8, 8]
+    assert warmup.batch_size == 1 and list(warmup.inputs["sample"].dims) == [36, 9, 8, 8]
     assert list(warmup.inputs["context"].dims) == [2, 16, 32]
     assert not (repo / "unet_t2v_video" / "1" / "model.py").exists()
     assert (repo / "unet_t2v_video" / "1" / "model.onnx").is_file()
@@ -368,6 +371,7 @@ def test_onnxruntime_repository(tmp_path, tiny_export_fp32):
 
 def _fake_engines(directory: Path, export: Path, table, ccs: list[str], versions: list[str],
                   profiles: dict | None = None) -> Path:
+    from kvt.contract.profiles import profile_key, table_profiles
     from kvt.formats.engine_dir import BuildKey, EngineManifest, PlanEntry
 
     manifest = EngineManifest(onnx_dir=str(export), onnx_manifest={})
@@ -378,7 +382,9 @@ def _fake_engines(directory: Path, export: Path, table, ccs: list[str], versions
                 plan = Path(spec.name) / f"{cc}-{version}.plan"
                 (directory / plan).parent.mkdir(parents=True, exist_ok=True)
                 (directory / plan).write_bytes(f"{spec.name} {cc} {version}".encode())
-                key = BuildKey(spec.name, "0" * 64, (profiles or {}).get(spec.name, ()), "fp16", version, cc)
+                # Default: the table's whole range, as `kvt build` without --resolution records it.
+                key_profiles = (profiles or {}).get(spec.name, profile_key(table_profiles(spec)))
+                key = BuildKey(spec.name, "0" * 64, key_profiles, "fp16", version, cc)
                 entries.append(PlanEntry(str(plan), key, 10, "0" * 64))
         manifest.stages[spec.name] = entries
     manifest.write(directory)
