@@ -16,6 +16,7 @@ Attribute names follow the official modules so that ``state_dict`` keys match th
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -266,7 +267,7 @@ class _TextCache:
         self.signature = None
 
 
-class _TextHolder(nn.Module):
+class _TextHolder(nn.Module, abc.ABC):
     """A block whose text-only work can be hoisted: :meth:`text_work` depends on the text alone."""
 
     holds_text = True  # False for a block of this class that never sees text (self-attention)
@@ -275,8 +276,9 @@ class _TextHolder(nn.Module):
         super().__init__()
         self._text_cache: _TextCache | None = None  # installed by HoistedText.loop()
 
+    @abc.abstractmethod
     def text_work(self, text: TextContext) -> dict[str, Tensor]:
-        raise NotImplementedError
+        """The tensors this block derives from the text alone (keys/values, constants, pooled text)."""
 
     def _text_values(self, text: TextContext) -> dict[str, Tensor]:
         cache = self._text_cache
