@@ -12,9 +12,13 @@ export (same weights digest, precision, opset, stages) and reuses it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,12 +41,13 @@ def _cache_dir() -> Path | None:
 
 # ------------------------------------------------------------------------------ tiny checkpoints
 
-def _write_tiny_checkpoints(out: Path) -> Path:
+def _write_checkpoints(kind: str, out: Path) -> Path:
     from kvt.models.checkpoint_write import write_checkpoint_dir
     from kvt.models.presets import TINY
     from kvt.models.random_weights import random_models
 
-    return write_checkpoint_dir(random_models(TINY, seed=0), out, overwrite=True)
+    return write_checkpoint_dir(random_models(TINY if kind == "tiny" else _micro_preset(), seed=0), out,
+                                overwrite=True)
 
 
 def _same_checkpoints(a: Path, b: Path) -> bool:
@@ -58,25 +63,64 @@ def _same_checkpoints(a: Path, b: Path) -> bool:
     return records[0] == records[1] and configs[0] == configs[1]
 
 
+_CHECKPOINTS: dict[str, Path] = {}
+
+
+def _checkpoint_dir(tmp_path_factory, kind: str) -> Path:
+    """The session's ``kind`` ("tiny" or "micro") checkpoint directory, written once."""
+    if kind in _CHECKPOINTS:
+        return _CHECKPOINTS[kind]
+    cache = _cache_dir()
+    if cache is None:
+        out = _write_checkpoints(kind, tmp_path_factory.mktemp("weights") / kind)
+    else:
+        # Export digests name the weight files by path: a cached export is reused only from the same path.
+        out = cache / f"{kind}_checkpoints"
+        fresh = _write_checkpoints(kind, cache / f"{kind}_checkpoints.new")
+        if out.is_dir() and _same_checkpoints(out, fresh):
+            shutil.rmtree(fresh)
+        else:
+            shutil.rmtree(out, ignore_errors=True)
+            fresh.rename(out)
+    _CHECKPOINTS[kind] = out
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint_dir(tmp_path_factory) -> Path:
     """A checkpoint directory in the official layout: ``random_models(TINY, seed=0)`` written by
     ``write_checkpoint_dir`` (with its ``kvt-weights.json``). Read-only: copy it to modify it."""
-    cache = _cache_dir()
-    if cache is None:
-        return _write_tiny_checkpoints(tmp_path_factory.mktemp("weights") / "tiny")
-    # Export digests name the weight files by path: a cached export is reused only from the same path.
-    out = cache / "tiny_checkpoints"
-    fresh = _write_tiny_checkpoints(cache / "tiny_checkpoints.new")
-    if out.is_dir() and _same_checkpoints(out, fresh):
-        shutil.rmtree(fresh)
-        return out
-    shutil.rmtree(out, ignore_errors=True)
-    fresh.rename(out)
-    return out
+    return _checkpoint_dir(tmp_path_factory, "tiny")
 
 
 # ------------------------------------------------------------------------------ exports
+#
+# The session's exports are made by `kvt export` itself, in background processes started when the first
+# test runs, while the tests that need no export run first (pytest_collection_modifyitems moves the
+# modules that need one to the end). Tracing is most of an export and a CPU-bound job of minutes: on a
+# 2-core machine it overlaps the other tests' waiting (servers starting, subprocesses, video encoding).
+# Two chains run side by side: the tiny FP32 export, then the reference folder's (same architecture: its
+# graphs come from the cache the first one filled); and the FP16 export of a "micro" architecture.
+#
+# The FP16 export is of ``MICRO``: the tiny preset with two blocks per U-Net level and attention on the
+# deepest level only, its T5 and MoVQs unchanged (their FP32 graphs are shared with the tiny export). Its
+# tests are about the FP16 policy, the TensorRT static checks, engines and the production Triton path,
+# which every U-Net layout exercises alike; the U-Net trace costs half the tiny one's.
+
+EXPORT_FIXTURES = ("tiny_export_fp32", "tiny_export_fp16", "reference_export_fp32")
+
+
+def _micro_preset():
+    import dataclasses
+
+    from kvt.models.presets import TINY
+
+    deep_only = (False, False, False, True)
+    unet = dict(num_blocks=(2, 2, 2, 2), add_cross_attention=deep_only, add_self_attention=deep_only)
+    config = dataclasses.replace(TINY.config, t2v=dataclasses.replace(TINY.config.t2v, **unet),
+                                 interpolation=dataclasses.replace(TINY.config.interpolation, **unet))
+    return dataclasses.replace(TINY, name="micro", config=config, description="tests: tiny, fewer U-Net blocks")
+
 
 def _graph_cache(tmp_path_factory) -> str:
     return str((_cache_dir() or tmp_path_factory.getbasetemp()) / "onnx-graphs")
@@ -86,34 +130,6 @@ def _graph_cache(tmp_path_factory) -> str:
 def graph_cache_dir(tmp_path_factory) -> Path:
     """The graph cache of the session's exports (``$KVT_CACHE_DIR/onnx-graphs`` for a ``kvt`` command)."""
     return Path(_graph_cache(tmp_path_factory))
-
-
-def _export(source, out: Path, precision: str, graphs: str) -> Path:
-    """Export with a graph cache shared by the session's exports: the FP16 export takes the FP32 graphs of the T5 and the
-    MoVQs that the FP32 export traced (the cache key covers kvt's code, so a stale graph is never used)."""
-    from kvt.export.exporter import ExportOptions, export_onnx
-
-    export_onnx(source, out, ExportOptions(precision=precision, jobs=2, graph_cache=graphs))
-    return out
-
-
-def _export_tiny(tmp_path_factory, checkpoints: Path, precision: str) -> Path:
-    """The tiny checkpoints exported by ``kvt export`` (every stage, with its parity check)."""
-    from kvt.export.source import ExportSource
-
-    base = _cache_dir() or tmp_path_factory.mktemp("exports")
-    return _export(ExportSource("tiny", weights=str(checkpoints)), base / f"tiny_{precision}", precision,
-                   _graph_cache(tmp_path_factory))
-
-
-@pytest.fixture(scope="session")
-def tiny_export_fp32(tmp_path_factory, tiny_checkpoint_dir) -> Path:
-    return _export_tiny(tmp_path_factory, tiny_checkpoint_dir, "fp32")
-
-
-@pytest.fixture(scope="session")
-def tiny_export_fp16(tmp_path_factory, tiny_checkpoint_dir) -> Path:
-    return _export_tiny(tmp_path_factory, tiny_checkpoint_dir, "fp16")
 
 
 def reference_frame_sizes() -> tuple[int, int, int]:
@@ -131,26 +147,149 @@ def reference_frame_sizes() -> tuple[int, int, int]:
     return min(sides), min(sides), max(sides)
 
 
+class SessionExports:
+    """The session's ``kvt export`` runs: started in the background, waited for by the export fixtures."""
+
+    def __init__(self, tmp_path_factory) -> None:
+        self.factory = tmp_path_factory
+        self.base = _cache_dir() or tmp_path_factory.mktemp("exports")
+        self.env = {**os.environ, "KVT_CACHE_DIR": str(Path(_graph_cache(tmp_path_factory)).parent)}
+        self.kvt = shutil.which("kvt", path=str(Path(sys.executable).parent)) or shutil.which("kvt") or "kvt"
+        self.commands: dict[str, tuple[list[str], Path]] = {}
+        self.done: dict[str, threading.Event] = {}
+        self.results: dict[str, tuple[int, str]] = {}
+        self.processes: list[subprocess.Popen] = []
+        self.stopped = False
+
+    def _command(self, name: str, checkpoints: Path) -> tuple[list[str], Path]:
+        from kvt.models.presets import TINY
+
+        tiny_range = ",".join(str(v) for v in TINY.resolution)
+        if name == "tiny_export_fp32":
+            out = self.base / "tiny_fp32"
+            return [self.kvt, "export", "--preset", "tiny", "--weights", str(checkpoints), "--out", str(out),
+                    "--jobs", "2"], out
+        if name == "tiny_export_fp16":
+            out = self.base / "micro_fp16"
+            return [self.kvt, "export", "--weights", str(checkpoints), "--precision", "fp16", "--resolution",
+                    tiny_range, "--out", str(out), "--jobs", "2"], out
+        from support import refdata
+
+        ref, sizes = refdata.reference_dir(), reference_frame_sizes()
+        key = hashlib.sha256(f"{ref}|{sizes}".encode()).hexdigest()[:12]  # one export per folder and range
+        out = self.base / f"reference_fp32_{key}"
+        return [self.kvt, "export", "--weights", str(ref / "checkpoints"), "--resolution",
+                ",".join(map(str, sizes)), "--out", str(out), "--jobs", "2"], out
+
+    def start(self, chains: list[list[tuple[str, Path]]]) -> None:
+        """Run each chain's exports one after another, the chains side by side."""
+        for chain in chains:
+            for name, checkpoints in chain:
+                self.commands[name] = self._command(name, checkpoints)
+                self.done[name] = threading.Event()
+            threading.Thread(target=self._run_chain, args=([name for name, _ in chain],), daemon=True).start()
+
+    def _run_chain(self, names: list[str]) -> None:
+        for name in names:
+            command, _ = self.commands[name]
+            if self.stopped:
+                self.results[name] = (-1, "the session ended before this export ran")
+            else:
+                process = subprocess.Popen(command, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                           text=True)
+                self.processes.append(process)
+                output, _ = process.communicate()
+                self.results[name] = (process.returncode, output)
+            self.done[name].set()
+
+    def result(self, name: str) -> Path:
+        """The export's directory once its run is done; the test fails with the run's output if it failed."""
+        if name not in self.done:  # asked for without a prediction (a dynamic request): run it now
+            self.start([[(name, _checkpoints_for(self.factory, name))]])
+        self.done[name].wait()
+        code, output = self.results[name]
+        command, out = self.commands[name]
+        if code != 0:
+            pytest.fail(f"{' '.join(command)} failed (exit code {code}):\n{output[-4000:]}", pytrace=False)
+        return out
+
+    def stop(self) -> None:
+        self.stopped = True
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+
+
+_CHECKPOINT_FIXTURE = {"tiny_export_fp32": "tiny", "tiny_export_fp16": "micro"}
+
+
+def _checkpoints_for(tmp_path_factory, name: str) -> Path:
+    if name == "reference_export_fp32":
+        from support import refdata
+
+        return refdata.require_reference() / "checkpoints"
+    kind = _CHECKPOINT_FIXTURE[name]
+    return _checkpoint_dir(tmp_path_factory, kind)
+
+
+def _needed_exports(items) -> set[str]:
+    needed = set()
+    for item in items:
+        needed |= {name for name in EXPORT_FIXTURES if name in getattr(item, "fixturenames", ())}
+        for mark in item.iter_markers("uses_exports"):
+            needed |= set(mark.args)
+    return needed
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Modules that need an export run last (each module's tests stay together and in order)."""
+    late_modules = {item.module.__name__ for item in items if _needed_exports([item]) and hasattr(item, "module")}
+    items.sort(key=lambda item: getattr(getattr(item, "module", None), "__name__", "") in late_modules)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_exports(request, tmp_path_factory) -> Iterator[SessionExports]:
+    """Starts the exports the session's tests need (see above) before the first test runs."""
+    from support import refdata
+
+    exports = SessionExports(tmp_path_factory)
+    needed = _needed_exports(request.session.items)
+    first: list[tuple[str, Path]] = []
+    if "tiny_export_fp32" in needed or "reference_export_fp32" in needed:
+        first.append(("tiny_export_fp32", _checkpoint_dir(tmp_path_factory, "tiny")))
+    if "reference_export_fp32" in needed and (refdata.reference_dir() / "MANIFEST.json").is_file():
+        first.append(("reference_export_fp32", refdata.reference_dir() / "checkpoints"))
+    chains = [first] if first else []
+    if "tiny_export_fp16" in needed:
+        chains.append([("tiny_export_fp16", _checkpoint_dir(tmp_path_factory, "micro"))])
+    exports.start(chains)
+    yield exports
+    exports.stop()
+
+
 @pytest.fixture(scope="session")
-def reference_export_fp32(tmp_path_factory) -> Path:
+def tiny_export_fp32(session_exports) -> Path:
+    """The tiny checkpoints (``tiny_checkpoint_dir``) exported in FP32 by ``kvt export`` (every stage,
+    with its parity check)."""
+    return session_exports.result("tiny_export_fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_export_fp16(session_exports) -> Path:
+    """The ``MICRO`` checkpoints (tiny with fewer U-Net blocks, see above) exported in FP16 by ``kvt export``
+    (every stage, with its parity check)."""
+    return session_exports.result("tiny_export_fp16")
+
+
+@pytest.fixture(scope="session")
+def reference_export_fp32(session_exports) -> Path:
     """The reference checkpoints exported in FP32 for the ONNX Runtime cases of the end-to-end parity
     test (skips without the reference folder). The architecture is the folder's own (no preset); the
     export's ranges and parity shapes cover the frame sizes of its end-to-end cases."""
-    import hashlib
-
-    from kvt.export.exporter import ExportOptions, export_onnx
-    from kvt.export.source import ExportSource
     from support import refdata
 
-    ref = refdata.require_reference()
-    sizes = reference_frame_sizes()
-    base = _cache_dir() or tmp_path_factory.mktemp("exports")
-    # One cached export per reference folder and size range (another folder is another export).
-    key = hashlib.sha256(f"{ref}|{sizes}".encode()).hexdigest()[:12]
-    out = base / f"reference_fp32_{key}"
-    export_onnx(ExportSource(None, weights=str(ref / "checkpoints")), out,
-                ExportOptions(precision="fp32", jobs=2, resolution=sizes, graph_cache=_graph_cache(tmp_path_factory)))
-    return out
+    refdata.require_reference()
+    return session_exports.result("reference_export_fp32")
 
 
 # ------------------------------------------------------------------------------ pipelines

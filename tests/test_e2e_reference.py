@@ -79,6 +79,8 @@ class Case:
 BACKENDS = ("torch", "onnxruntime")
 
 
+pytestmark = pytest.mark.uses_exports("reference_export_fp32")  # the ONNX Runtime cases (conftest.py)
+
 @pytest.fixture(scope="module")
 def torch_pipeline():
     ref = refdata.require_reference()

@@ -129,8 +129,12 @@ def test_request_profiles_errors():
 
 
 def test_request_profiles_for_a_subset_of_stages_and_default_fps():
+    # No fps given: every fps mode (README, `kvt build --fps`), so the interpolation U-Net is built too;
+    # fps low alone never calls it.
     chosen = select_profiles(TINY, [Resolution(64, 64)], [], stages=["unet_t2v_video", "unet_interp"])
-    assert list(chosen) == ["unet_t2v_video"]  # default fps mode: low
+    assert list(chosen) == ["unet_t2v_video", "unet_interp"]
+    low = select_profiles(TINY, [Resolution(64, 64)], ["low"], stages=["unet_t2v_video", "unet_interp"])
+    assert list(low) == ["unet_t2v_video"]
 
 
 def test_input_shapes_scale_symbols_and_skip_static_inputs():

@@ -6,6 +6,7 @@ with the backend, engine and Triton tests; error paths use single small stages t
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 from pathlib import Path
@@ -16,12 +17,13 @@ import pytest
 import torch
 
 from kvt.cli.main import EXIT_INVALID, EXIT_OK, main
+from kvt.contract.stages import ResolutionRange
 from kvt.export import attach as attach_module
 from kvt.export import parity as parity_module
 from kvt.export.cleanup import FORBIDDEN_OPS
 from kvt.export.exporter import ExportInputError, ExportOptions, ParityError, export_onnx
 from kvt.export.graph_cache import CACHE_ENV, graph_key
-from kvt.export.graph_export import OPSET, ExportError
+from kvt.export.graph_export import OPSET, ExportError, trace_dims
 from kvt.export.source import ExportSource
 from kvt.formats.export_dir import ExportManifest, ExportManifestError
 from kvt.models import TINY
@@ -47,7 +49,10 @@ def _graph(directory: Path, stage: str, load_data: bool = False) -> onnx.ModelPr
 
 # ------------------------------------------------------------------------------ the full exports
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+PRECISIONS = [pytest.param(p, marks=pytest.mark.uses_exports(f"tiny_export_{p}"), id=p) for p in ("fp32", "fp16")]
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
 def test_full_export_manifest_and_parity(request, precision):
     directory = request.getfixturevalue(f"tiny_export_{precision}")
     manifest = ExportManifest.read(directory)
@@ -72,10 +77,10 @@ def test_full_export_manifest_and_parity(request, precision):
     assert "| unet_t2v_video |" in (directory / "parity.md").read_text()
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("precision", PRECISIONS)
 def test_graphs_follow_the_stage_table(request, precision):
     directory = request.getfixturevalue(f"tiny_export_{precision}")
-    table = stage_table_for(TINY.config)
+    table = ExportManifest.read(directory).stage_table()
     for stage in STAGES:
         spec, graph = table[stage], _graph(directory, stage)
         assert {o.domain or "ai.onnx": o.version for o in graph.opset_import}.get("ai.onnx") == OPSET
@@ -181,6 +186,33 @@ def test_graph_cache_skips_tracing_for_other_weights(source, tmp_path):
     opened = source.open()
     spec = stage_table_for(opened.config)["movq_encoder"]
     assert graph_key(spec, opened.config, None, "fp32", OPSET) != graph_key(spec, opened.config, None, "fp16", OPSET)
+
+
+def test_graph_key_ignores_ranges_and_folder_names_but_not_what_the_trace_sees():
+    """A graph is shared by exports of one architecture for other frame-size ranges (the profiles are not
+    in the graph: the trace sees only its sample sizes) and by configs that differ only in the folder of
+    the T5 weights or in other networks; another sample size, network config or precision is another
+    graph."""
+    config = TINY.config
+    table = stage_table_for(config, ResolutionRange(64, 64, 256))
+    narrower = stage_table_for(config, ResolutionRange(64, 128, 128))
+    from_larger_min = stage_table_for(config, ResolutionRange(256, 512, 1024))
+    renamed = dataclasses.replace(config, text_encoder=dataclasses.replace(config.text_encoder,
+                                                                           weights_path="t5_encoder"))
+    for stage in ("unet_t2v_video", "movq_decoder"):
+        key = graph_key(table[stage], config, None, "fp32", OPSET)
+        assert table[stage].profiles != narrower[stage].profiles
+        assert graph_key(narrower[stage], config, None, "fp32", OPSET) == key
+        assert graph_key(table[stage], renamed, None, "fp32", OPSET) == key
+        assert trace_dims(from_larger_min[stage]) != trace_dims(table[stage])
+        assert graph_key(from_larger_min[stage], config, None, "fp32", OPSET) != key
+        assert graph_key(table[stage], config, None, "fp16", OPSET) != key
+    wider = dataclasses.replace(config, image_movq=dataclasses.replace(config.image_movq, ch=64))
+    assert (graph_key(table["movq_decoder"], wider, None, "fp32", OPSET)
+            != graph_key(table["movq_decoder"], config, None, "fp32", OPSET))
+    # another network's config is another graph of that network only
+    assert (graph_key(table["unet_t2v_video"], wider, None, "fp32", OPSET)
+            == graph_key(table["unet_t2v_video"], config, None, "fp32", OPSET))
 
 
 def test_fp16_export_reuses_the_identical_fp32_stages(source, tmp_path):

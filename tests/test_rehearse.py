@@ -99,7 +99,7 @@ def _documented_builds() -> list[tuple[str, list[str]]]:
 
 def test_docs_have_build_commands():
     builds = _documented_builds()
-    assert len({doc.split(":")[0] for doc, _ in builds}) == 3, builds  # README, TRITON.md, TENSORRT.md
+    assert {doc.split(":")[0] for doc, _ in builds} >= {"README.md", "TRITON.md", "TENSORRT.md"}, builds
 
 
 def _distinct_builds() -> list[tuple[str, list[str]]]:

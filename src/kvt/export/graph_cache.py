@@ -8,15 +8,17 @@ it does depend on, and a later export of the same architecture (other weights or
 stages of an FP16 export, the test suite's several tiny exports) only streams weights and checks
 parity.
 
-The key covers the stage contract, the network configs (and the T5 config), the compute precision, the
-opset, the versions of every tool that shapes the graph, and the source code of kvt itself: any change
-to any of them is a different key, so a stale graph is never used. Entries are written atomically;
+The key covers the stage contract (its profile ranges only through the sample sizes traced at), the
+config of the stage's network (and the T5 config), the compute precision, the opset, the versions of
+every tool that shapes the graph, and the source code of kvt itself: any change to any of them is a
+different key, so a stale graph is never used. Entries are written atomically;
 nothing else is ever read from the cache. Location: ``$KVT_CACHE_DIR/onnx-graphs`` (default
 ``$XDG_CACHE_HOME/kvt``, else ``~/.cache/kvt``); ``kvt export --no-graph-cache`` bypasses it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,11 +30,13 @@ from typing import Any
 import kvt
 from kvt.contract.files import atomic_path
 from kvt.contract.stages import StageSpec
+from kvt.export.graph_export import trace_dims
+from kvt.models.registry import network_spec
 
 CACHE_ENV = "KVT_CACHE_DIR"
 _TOOLS = ("torch", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "polygraphy", "onnx-graphsurgeon",
           "transformers")
-_KEY_VERSION = 2
+_KEY_VERSION = 3
 _T5_NOT_IN_GRAPH = ("_name_or_path", "transformers_version", "architectures")
 
 
@@ -77,8 +81,18 @@ def graph_key(spec: StageSpec, config: Any, t5_config: Any, compute: str, opset:
     # architecture share the graphs of every other stage.
     t5 = {} if t5_config is None or spec.network != "text_encoder" else {
         k: v for k, v in t5_config.to_dict().items() if k not in _T5_NOT_IN_GRAPH}
+    # Of the model config, the stage's own network's part: the other networks and the folder name of the
+    # T5 weights do not shape this graph (the dims it shares with them are in the stage contract).
+    network_config = getattr(config, network_spec(spec.network).config_field)
+    if spec.network == "text_encoder":
+        network_config = dataclasses.replace(network_config, weights_path="")
+    # The profiles' ranges are not in the graph (every axis stays symbolic; graph_export checks that):
+    # what the trace sees of them is the sample values it traces at. An export of the same architecture
+    # for other frame sizes (the full preset at 512x512 only, the reference cases' range) shares the graphs.
+    stage = {k: v for k, v in spec.to_dict().items() if k != "profiles"}
+    stage["trace_dims"] = trace_dims(spec)
     described = {
-        "version": _KEY_VERSION, "stage": spec.to_dict(), "config": repr(config),
+        "version": _KEY_VERSION, "stage": stage, "config": repr(network_config),
         "t5": json.dumps(t5, sort_keys=True, default=str), "compute": compute, "opset": opset,
         "tools": _tool_versions(), "code": code_digest(),
     }
