@@ -329,9 +329,13 @@ def check_memory(export: ExportManifest, table: StageTable, plan_profiles: Mappi
         report(f"memory plan skipped: the memory of {gpu.name} is unknown (`kvt plan-memory --gpu` computes it)")
         return None
     try:
-        request = memory_plan.preset_request(str(preset), [], [], precisions=precisions)
+        if "configs" in export.model and "t5" in export.model:  # the export's own architecture
+            request = memory_plan.architecture_request(export.model["configs"], export.model["t5"], precisions,
+                                                       f"export manifest model.configs ({preset})")
+        else:  # exports made before the manifest recorded it
+            request = memory_plan.preset_request(str(preset), [], [], precisions=precisions)
     except (UserError, ValueError):
-        report(f"memory plan skipped: the export records no known preset ({preset!r})")
+        report(f"memory plan skipped: the export records neither its architecture nor a known preset ({preset!r})")
         return None
     unfused = {}
     for name, graph in checks.items():

@@ -480,6 +480,17 @@ def preset_request(preset: str, resolutions: Sequence[Resolution], fps_modes: Se
                        workspace_bytes, unfused_dtypes)
 
 
+def architecture_request(configs: Mapping[str, Any], t5: Mapping[str, Any], precisions: Mapping[str, str],
+                         where: str) -> PlanRequest:
+    """A request for the networks an export records (``model.configs`` / ``model.t5`` of its manifest):
+    any checkpoint's architecture, not only a preset's. Its table and profiles are set by the caller."""
+    from transformers import T5Config  # heavy: imported when a text encoder is planned
+
+    config = KandinskyVideoConfig.from_dict(configs, where)
+    table = stage_table_for(config)
+    return PlanRequest(config, T5Config(**t5), table, {}, dict(precisions))
+
+
 def describe_request(preset: str, resolutions: Sequence[Resolution], fps_modes: Sequence[str]) -> str:
     sizes = "+".join(str(r) for r in resolutions) or "table range"
     return f"{preset} {sizes} fps {'+'.join(fps_modes) or 'all'}"

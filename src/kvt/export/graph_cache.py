@@ -37,7 +37,7 @@ CACHE_ENV = "KVT_CACHE_DIR"
 _TOOLS = ("torch", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "polygraphy", "onnx-graphsurgeon",
           "transformers")
 _KEY_VERSION = 3
-_T5_NOT_IN_GRAPH = ("_name_or_path", "transformers_version", "architectures")
+T5_NOT_ARCHITECTURE = ("_name_or_path", "transformers_version", "architectures")
 
 
 def default_cache_dir() -> Path:
@@ -80,7 +80,7 @@ def graph_key(spec: StageSpec, config: Any, t5_config: Any, compute: str, opset:
     # writer's version, the class name) is left out: random weights and a checkpoint directory of one
     # architecture share the graphs of every other stage.
     t5 = {} if t5_config is None or spec.network != "text_encoder" else {
-        k: v for k, v in t5_config.to_dict().items() if k not in _T5_NOT_IN_GRAPH}
+        k: v for k, v in t5_config.to_dict().items() if k not in T5_NOT_ARCHITECTURE}
     # Of the model config, the stage's own network's part: the other networks and the folder name of the
     # T5 weights do not shape this graph (the dims it shares with them are in the stage contract).
     network_config = getattr(config, network_spec(spec.network).config_field)

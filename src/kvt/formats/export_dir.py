@@ -75,7 +75,7 @@ class StageEntry:
 class ExportManifest:
     precision: str  # requested export precision: "fp32" or "fp16"
     opset: int
-    model: dict[str, Any]  # tokens_length, context_dim, preset, resolution [min, opt, max]
+    model: dict[str, Any]  # tokens_length, context_dim, preset, resolution [min, opt, max], configs, t5
     source: dict[str, Any]  # kind, path or preset/seed, digest
     tools: dict[str, str]
     stages: dict[str, StageEntry] = field(default_factory=dict)
