@@ -344,8 +344,10 @@ def _stage_line(stage: str, compute: str, stats: dict[str, Any], parity: StagePa
 
 
 def _t5_architecture(t5_config: Any) -> dict[str, Any]:
-    """The T5 config's keywords without what a saved folder adds (its path, the writer's version)."""
-    return {k: v for k, v in t5_config.to_dict().items() if k not in T5_NOT_ARCHITECTURE}
+    """The T5 config's keywords without what a saved folder adds (its path, the writer's version), as JSON
+    reads them back (integer label keys become strings), so a manifest compares equal to its re-read."""
+    kept = {k: v for k, v in t5_config.to_dict().items() if k not in T5_NOT_ARCHITECTURE}
+    return dict(json.loads(json.dumps(kept, default=str)))
 
 
 def _write_assets(opened, tmp: Path) -> None:

@@ -40,6 +40,10 @@ class ExportManifestError(UserError):
 
 
 
+# Keys of ``model`` that record the architecture (configs.json form, T5 config keywords) for `kvt build`.
+ARCHITECTURE_KEYS = ("configs", "t5")
+
+
 @dataclass
 class TensorEntry:
     name: str
@@ -91,8 +95,11 @@ class ExportManifest:
 
     def identity(self) -> dict[str, Any]:
         """What makes two exports the same export (used to refuse mixing two in one directory)."""
+        # The recorded architecture (model.configs / model.t5) follows from the source's files, which the
+        # digest covers; leaving it out keeps exports made before it was recorded reusable.
+        model = {k: v for k, v in self.model.items() if k not in ARCHITECTURE_KEYS}
         return {"precision": self.precision, "opset": self.opset, "source": self.source.get("digest"),
-                "model": self.model, "options": self.options, "stages": sorted(self.stages)}
+                "model": model, "options": self.options, "stages": sorted(self.stages)}
 
     def stage_table(self) -> StageTable:
         try:
