@@ -100,7 +100,8 @@ def tiny_checkpoint_dir(tmp_path_factory) -> Path:
 # modules that need one to the end). Tracing is most of an export and a CPU-bound job of minutes: on a
 # 2-core machine it overlaps the other tests' waiting (servers starting, subprocesses, video encoding).
 # Two chains run side by side: the tiny FP32 export, then the reference folder's (same architecture: its
-# graphs come from the cache the first one filled); and the FP16 export of a "micro" architecture.
+# graphs come from the cache the first one filled); and, at nice 10, the FP16 export of a "micro"
+# architecture, whose tests run after those that need only the FP32 exports.
 #
 # The FP16 export is of ``MICRO``: the tiny preset with two blocks per U-Net level and attention on the
 # deepest level only, its T5 and MoVQs unchanged (their FP32 graphs are shared with the tiny export). Its
@@ -196,11 +197,19 @@ class SessionExports:
                 self.results[name] = (-1, "the session ended before this export ran")
             else:
                 process = subprocess.Popen(command, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                           text=True)
+                                           text=True, preexec_fn=self._nice(name))
                 self.processes.append(process)
                 output, _ = process.communicate()
                 self.results[name] = (process.returncode, output)
             self.done[name].set()
+
+    @staticmethod
+    def _nice(name: str):
+        """The FP16 export yields the CPU (nice 10): its tests run last, so it can use what the FP32 chain
+        and the first tests leave idle; the FP32 export, which the next tests wait for, gets the cores."""
+        if name != "tiny_export_fp16" or not hasattr(os, "nice"):
+            return None
+        return lambda: os.nice(10)
 
     def result(self, name: str) -> Path:
         """The export's directory once its run is done; the test fails with the run's output if it failed."""
@@ -242,9 +251,15 @@ def _needed_exports(items) -> set[str]:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Modules that need an export run last (each module's tests stay together and in order)."""
-    late_modules = {item.module.__name__ for item in items if _needed_exports([item]) and hasattr(item, "module")}
-    items.sort(key=lambda item: getattr(getattr(item, "module", None), "__name__", "") in late_modules)
+    """Modules that need no export first, then those needing only FP32 exports, then those needing the FP16
+    one (each module's tests stay together and in order)."""
+    group: dict[str, int] = {}
+    for item in items:
+        module = getattr(getattr(item, "module", None), "__name__", "")
+        needed = _needed_exports([item])
+        rank = 2 if "tiny_export_fp16" in needed else 1 if needed else 0
+        group[module] = max(group.get(module, 0), rank)
+    items.sort(key=lambda item: group[getattr(getattr(item, "module", None), "__name__", "")])
 
 
 @pytest.fixture(scope="session", autouse=True)
