@@ -43,7 +43,7 @@ from kvt.contract.files import default_file_mode, replace_dir, temporary_dir_bes
 from kvt.contract.stages import ResolutionRange, StageTable
 from kvt.export.attach import attach_weights
 from kvt.export.cleanup import clean_graph
-from kvt.export.graph_cache import T5_NOT_ARCHITECTURE, GraphCache, graph_key
+from kvt.export.graph_cache import GraphCache, graph_key, t5_architecture
 from kvt.export.graph_export import OPSET, ExportError, export_graph, third_party_quiet
 from kvt.export.parity import SHAPE_LABELS, CaseResult, StageParity, stage_parity, write_report
 from kvt.export.source import ExportSource, OpenedSource
@@ -343,13 +343,6 @@ def _stage_line(stage: str, compute: str, stats: dict[str, Any], parity: StagePa
     return f"{stage} ({compute}) {total:.1f} s: {how}; {checked}"
 
 
-def _t5_architecture(t5_config: Any) -> dict[str, Any]:
-    """The T5 config's keywords without what a saved folder adds (its path, the writer's version), as JSON
-    reads them back (integer label keys become strings), so a manifest compares equal to its re-read."""
-    kept = {k: v for k, v in t5_config.to_dict().items() if k not in T5_NOT_ARCHITECTURE}
-    return dict(json.loads(json.dumps(kept, default=str)))
-
-
 def _write_assets(opened, tmp: Path) -> None:
     from safetensors.torch import save_file
 
@@ -379,7 +372,7 @@ def export_onnx(source: ExportSource, out_dir: str | Path, options: ExportOption
                "preset": source.label, "resolution": [table.resolution.min, table.resolution.opt,
                                                        table.resolution.max],
                # the architecture (configs.json form, T5 config): `kvt build` plans memory from it
-               "configs": opened.config.to_dict(), "t5": _t5_architecture(opened.t5_config)},
+               "configs": opened.config.to_dict(), "t5": t5_architecture(opened.t5_config)},
         source={**source.describe(), **opened.digest()}, tools=tool_versions(),
         options={"fp16_movq": options.fp16_movq, "softmax": "graph",
                  "compute": {table[s].network: options.compute_precision(table[s].network) for s in stages}},

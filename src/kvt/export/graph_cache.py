@@ -37,7 +37,7 @@ CACHE_ENV = "KVT_CACHE_DIR"
 _TOOLS = ("torch", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "polygraphy", "onnx-graphsurgeon",
           "transformers")
 _KEY_VERSION = 3
-T5_NOT_ARCHITECTURE = ("_name_or_path", "transformers_version", "architectures")
+_T5_NOT_ARCHITECTURE = ("_name_or_path", "transformers_version", "architectures")
 
 
 def default_cache_dir() -> Path:
@@ -74,13 +74,19 @@ def _tool_versions() -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def t5_architecture(t5_config: Any) -> dict[str, Any]:
+    """The T5 config's keywords without what a saved folder adds (its path, the writer's version), as JSON
+    reads them back (integer label keys become strings), so a manifest compares equal to its re-read."""
+    kept = {k: v for k, v in t5_config.to_dict().items() if k not in _T5_NOT_ARCHITECTURE}
+    return dict(json.loads(json.dumps(kept, default=str)))
+
+
 def graph_key(spec: StageSpec, config: Any, t5_config: Any, compute: str, opset: int) -> str:
     """The cache key of a stage's cleaned graph (hex SHA-256)."""
     # The T5 config shapes only the text encoder's graph; of it, what a saved folder adds (its path, the
     # writer's version, the class name) is left out: random weights and a checkpoint directory of one
     # architecture share the graphs of every other stage.
-    t5 = {} if t5_config is None or spec.network != "text_encoder" else {
-        k: v for k, v in t5_config.to_dict().items() if k not in T5_NOT_ARCHITECTURE}
+    t5 = {} if t5_config is None or spec.network != "text_encoder" else t5_architecture(t5_config)
     # Of the model config, the stage's own network's part: the other networks and the folder name of the
     # T5 weights do not shape this graph (the dims it shares with them are in the stage contract).
     network_config = getattr(config, network_spec(spec.network).config_field)
